@@ -1,0 +1,1 @@
+"""Reward models, rule rewards, judges and win-rate statistics."""

@@ -1,0 +1,1 @@
+"""rlhf-suite stage entry points (sft, rm, dpo, ppo, ...) and their shared core."""

@@ -1,0 +1,1 @@
+"""Shared pieces every stage uses: config, models, policy, data, artifacts, runtime."""
