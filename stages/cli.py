@@ -1,0 +1,46 @@
+"""The `rlhf` console script. Imports stay lazy so `rlhf --help` is instant."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, function, one-line help)
+COMMANDS = {
+    "sft": ("stages.sft", "cli", "supervised fine-tuning stage (same flags as stages/sft.py)"),
+    "demo-data": ("stages.core.demo", "cli", "write the built-in demo datasets as JSONL files"),
+}
+
+USAGE = """usage: rlhf COMMAND [ARGS...]
+
+Commands:
+{commands}
+
+Each stage command accepts `--config RECIPE.yaml` plus any recipe key as a flag, e.g.
+  rlhf sft --config recipes/smollm2-135m/sft.yaml --learning_rate 1e-4
+"""
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    return USAGE.format(commands="\n".join(f"  {k.ljust(width)}  {v[2]}" for k, v in COMMANDS.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(cmd, COMMANDS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        print(f"error: unknown command '{cmd}'{hint}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, fn, _ = COMMANDS[cmd]
+    return int(getattr(importlib.import_module(module), fn)(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

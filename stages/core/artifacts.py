@@ -1,0 +1,147 @@
+"""Stage outputs: work directory, checkpoints, atomic finalisation and the manifest.
+
+Layout for `output_dir = runs/x/sft`:
+    runs/x/.sft.work/checkpoints/   trainer checkpoints (resume reads the last one)
+    runs/x/.sft.work/logs/          TensorBoard event files while training
+    runs/x/.sft.work/staging/       the finished artifact being assembled
+    runs/x/sft/                     appears only by atomic rename of staging, manifest status "complete"
+A crash therefore never leaves a complete-looking stage, and the rename never touches checkpoints.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+COMPLETE = "complete"
+_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "deepspeed")
+
+
+def fingerprint(obj) -> str:
+    """A stable sha256 of any JSON-serialisable object (sorted keys)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def read_manifest(path: str | Path) -> dict | None:
+    p = Path(path) / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_complete(path: str | Path) -> bool:
+    m = read_manifest(path)
+    return bool(m and m.get("status") == COMPLETE)
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in _PACKAGES + ("rlhf-suite",):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+@dataclass
+class StageOutput:
+    """Paths and lifecycle of one stage's output directory."""
+
+    output_dir: Path
+    stage: str
+    started: float = field(default_factory=time.time)
+
+    def __post_init__(self):
+        self.output_dir = Path(self.output_dir).expanduser().resolve()
+        self.work = self.output_dir.parent / f".{self.output_dir.name}.work"
+        self.checkpoints = self.work / "checkpoints"
+        self.logs = self.work / "logs"
+        self.staging = self.work / "staging"
+
+    def prepare(self) -> None:
+        for d in (self.checkpoints, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+        if self.staging.exists():  # a crash during a previous finalisation: start the artifact afresh
+            shutil.rmtree(self.staging)
+        self.staging.mkdir(parents=True)
+
+    def last_checkpoint(self) -> str | None:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        if not self.checkpoints.is_dir():
+            return None
+        return get_last_checkpoint(str(self.checkpoints))
+
+    def existing(self) -> dict | None:
+        """The manifest of a finished output at this path, if there is one."""
+        return read_manifest(self.output_dir) if is_complete(self.output_dir) else None
+
+    def finalize(self, manifest: dict, *, keep_checkpoints: bool = False) -> Path:
+        """Write the manifest into staging, copy logs, then atomically swap staging into place."""
+        if self.logs.is_dir() and any(self.logs.iterdir()):
+            shutil.copytree(self.logs, self.staging / "logs", dirs_exist_ok=True)
+        manifest = dict(manifest, status=COMPLETE, stage=self.stage,
+                        started_at=_iso(self.started), finished_at=_iso(time.time()),
+                        duration_s=round(time.time() - self.started, 1))
+        tmp = self.staging / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, self.staging / MANIFEST)
+        old = None
+        if self.output_dir.exists():
+            old = self.work / "previous"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(self.output_dir, old)
+        os.replace(self.staging, self.output_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        if not keep_checkpoints:
+            shutil.rmtree(self.work, ignore_errors=True)
+        return self.output_dir
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def parent_info(model_path: str) -> dict:
+    """Lineage of the model a stage starts from: a suite output (with its manifest) or an external model."""
+    p = Path(model_path)
+    m = read_manifest(p) if p.is_dir() else None
+    if m:
+        return {"path": str(p.resolve()), "stage": m.get("stage"), "fingerprint": m.get("fingerprint"),
+                "base_model": m.get("base_model")}
+    return {"path": model_path, "stage": None, "fingerprint": None}
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)

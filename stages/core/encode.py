@@ -1,0 +1,114 @@
+"""Tokenisation with loss masks and the suite's one truncation rule.
+
+Rule for rows longer than `max_length` (`on_long: truncate`, the default): keep the final assistant
+response whole and trim tokens from the *start* of the conversation; only when the final response
+alone does not fit is the response cut at its end. `on_long: drop` drops such rows, `error` stops.
+Every truncation and drop is counted and reported, never silent.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import DataError
+
+
+@dataclass
+class LengthReport:
+    """What happened to long rows in one split."""
+
+    rows: int = 0
+    over_limit: int = 0
+    prompt_trimmed: int = 0
+    response_cut: int = 0
+    dropped: int = 0
+    max_tokens_seen: int = 0
+    examples: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+    def summary(self, name: str) -> str:
+        return (f"{name}: {self.rows} rows, {self.over_limit} over the length limit "
+                f"({self.prompt_trimmed} prompt-trimmed, {self.response_cut} response-cut, {self.dropped} dropped)")
+
+
+def render_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """Render a conversation with the chat template; return text and char spans of assistant turns.
+
+    Each span starts after the generation prompt of that turn and ends where the next message begins
+    (so the end-of-turn token is trained, which teaches the model to stop).
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        head = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not text.startswith(upto) or not upto.startswith(head):
+            raise ValueError("chat template is not prefix-consistent")
+        end = len(upto.rstrip()) if i == len(messages) - 1 else len(upto)
+        spans.append((len(head), end))
+    return text, spans
+
+
+def _fit(ids: list[int], labels: list[int], last_start: int, max_length: int, report: LengthReport):
+    """Apply the truncation rule to one encoded row; `last_start` = first token of the final response."""
+    if len(ids) <= max_length:
+        return ids, labels
+    report.over_limit += 1
+    if len(ids) - last_start <= max_length:
+        cut = len(ids) - max_length
+        report.prompt_trimmed += 1
+        return ids[cut:], labels[cut:]
+    # The final response alone is longer than the limit: keep a little context, cut the response's tail.
+    keep_prompt = min(last_start, max_length // 4)
+    start = last_start - keep_prompt
+    report.response_cut += 1
+    return ids[start:start + max_length], labels[start:start + max_length]
+
+
+def encode_sft(dataset, tokenizer, *, max_length: int | None, loss_on: str = "assistant", on_long: str = "truncate",
+               source: str = "train"):
+    """Messages rows → input_ids/labels (-100 outside the trained tokens). Returns (Dataset, LengthReport)."""
+    from datasets import Dataset
+
+    report = LengthReport()
+    out = {"input_ids": [], "labels": []}
+    for row_idx, row in enumerate(dataset):
+        messages = row["messages"]
+        try:
+            text, spans = render_spans(messages, tokenizer)
+        except ValueError:
+            raise DataError("the chat template renders earlier turns differently once later turns are added; "
+                            "set a prefix-consistent chat_template", source=source, row=row_idx, field="messages") from None
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        if loss_on == "last":
+            spans = spans[-1:]
+        labels, last_start = [], len(ids)
+        for t, (a, b) in zip(ids, offsets):
+            trained = loss_on == "all" or any(s <= a < e for s, e in spans)
+            labels.append(t if trained else -100)
+        if spans:
+            ls = spans[-1][0]
+            last_start = next((j for j, (a, _) in enumerate(offsets) if a >= ls), len(ids))
+        report.rows += 1
+        report.max_tokens_seen = max(report.max_tokens_seen, len(ids))
+        if max_length is not None and len(ids) > max_length:
+            if on_long == "error":
+                raise DataError(f"{len(ids)} tokens, over max_length={max_length} (set on_long: truncate or drop)",
+                                source=source, row=row_idx, field="messages")
+            if on_long == "drop":
+                report.over_limit += 1
+                report.dropped += 1
+                if len(report.examples) < 5:
+                    report.examples.append({"row": row_idx, "tokens": len(ids)})
+                continue
+            ids, labels = _fit(ids, labels, last_start, max_length, report)
+        if all(x == -100 for x in labels):
+            report.dropped += 1
+            continue
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+    return Dataset.from_dict(out), report

@@ -1,0 +1,86 @@
+"""Hardware decisions a stage makes for itself: device, precision, CPU threads.
+
+The same recipe runs on CPU and GPU unchanged. TRL configs default to bf16, which TrainingArguments
+refuses on a CPU-only machine unless `use_cpu` is set, and `accelerate launch` exports
+OMP_NUM_THREADS=1 when it is unset, silently leaving a CPU run on one core. Both are handled here.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bf16 matmul (AVX512-BF16 or AMX); there autocast bf16 is fast."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        fn = getattr(torch.cpu, probe, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except Exception:  # pragma: no cover - probe missing on this build
+            pass
+    return False
+
+
+def choose_precision(requested: str, recipe: dict, explicit: set[str]) -> str:
+    """Resolve `precision: auto` (or the recipe's bf16/fp16 flags) to what this hardware runs well."""
+    if requested == "auto":
+        if "fp16" in explicit and recipe.get("fp16"):
+            requested = "fp16"
+        elif "bf16" in explicit and recipe.get("bf16") is False:
+            requested = "fp32"
+        else:
+            requested = "bf16"
+    if cuda_available():
+        if requested == "bf16" and not torch.cuda.is_bf16_supported():
+            return "fp16"
+        return requested
+    if requested == "fp16":  # fp16 autocast on CPU is slow and poorly supported
+        requested = "bf16"
+    if requested == "bf16" and not cpu_supports_bf16():
+        return "fp32"
+    return requested
+
+
+def adjust_training_defaults(recipe: dict, explicit: set[str], *, precision: str = "auto") -> str:
+    """Set device/precision/checkpointing defaults in the recipe dict before TrainingArguments validates them."""
+    chosen = choose_precision(recipe.get("precision", precision), recipe, explicit)
+    on_cpu = not cuda_available()
+    if on_cpu:
+        recipe["use_cpu"] = True
+        # Small models on CPU have memory to spare; recomputation only costs time there.
+        if "gradient_checkpointing" not in explicit:
+            recipe["gradient_checkpointing"] = False
+    recipe["bf16"] = chosen == "bf16"
+    recipe["fp16"] = chosen == "fp16"
+    if "report_to" not in explicit:
+        recipe["report_to"] = ["tensorboard"]
+    return chosen
+
+
+def configure_threads(num_threads: int | None = None) -> int:
+    """Use every core on CPU runs, unless the recipe says otherwise.
+
+    Under `accelerate launch`, OMP_NUM_THREADS=1 is exported when unset; we treat that value as
+    accelerate's, not the user's, and spread the cores over the local processes instead.
+    """
+    if num_threads is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        omp = os.environ.get("OMP_NUM_THREADS")
+        launched = "ACCELERATE_DYNAMO_BACKEND" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
+        if omp and not (launched and omp == "1"):
+            num_threads = int(omp)
+        else:
+            num_threads = max(1, (os.cpu_count() or 1) // max(local, 1))
+    if not cuda_available():
+        torch.set_num_threads(num_threads)
+    return torch.get_num_threads()
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0

@@ -1,0 +1,79 @@
+"""Supervised fine-tuning stage.
+
+    accelerate launch stages/sft.py --config recipes/smollm2-135m/sft.yaml
+    python -m stages.sft --config recipes/smollm2-135m/sft.yaml --learning_rate 1e-4
+    rlhf sft --config recipes/smollm2-135m/sft.yaml
+
+Loss is on assistant responses only by default (`loss_on`), so the reported validation loss is the
+response-token loss, compared with the starting model's on the same split.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `accelerate launch stages/sft.py` runs this file as a script
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]  # stage names must not shadow packages
+    sys.path.insert(0, str(_here.parent))
+
+from stages.core import stage as S  # noqa: E402
+
+STAGE = "sft"
+
+
+def main(argv=None):
+    from trl import SFTConfig, SFTTrainer
+
+    from stages.core.artifacts import StageOutput
+    from stages.core.policy import build_policy, trainable_summary
+    from stages.core.encode import encode_sft
+
+    args = S.parse_stage(SFTConfig, argv)
+    out = StageOutput(args.training.output_dir, STAGE)
+
+    policy = build_policy(args.model, args.policy, args.training)
+    data = S.load_stage_data(args, task="sft")
+    S.log(STAGE, data.report.summary())
+    fp = S.stage_fingerprint(args, data.report.to_dict())
+    if S.check_existing(out, fp, args.run.force, STAGE):
+        return out.output_dir
+
+    max_len, d = args.training.max_length, args.data
+    train_ds, train_len = encode_sft(data.train, policy.tokenizer, max_length=max_len, loss_on=d.loss_on,
+                                     on_long=d.on_long, source="train")
+    S.log(STAGE, train_len.summary("train"))
+    eval_ds = eval_len = None
+    if data.eval is not None and len(data.eval):
+        eval_ds, eval_len = encode_sft(data.eval, policy.tokenizer, max_length=max_len, loss_on=d.loss_on,
+                                       on_long=d.on_long, source="validation")
+        S.log(STAGE, eval_len.summary("validation"))
+
+    S.prepare_training(args, out, STAGE)
+    trainer = SFTTrainer(model=policy.model, args=args.training, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=policy.tokenizer, peft_config=policy.peft_config, callbacks=S.callbacks(args))
+    summary = trainable_summary(trainer.model)
+    S.log(STAGE, f"{policy.method}: {summary['trainable_params']:,} trainable of {summary['total_params']:,} "
+                 f"parameters ({summary['trainable_pct']:.2f}%)")
+
+    base = S.evaluate_base(trainer, out, STAGE) if args.run.compare_with_base else None
+    resume = out.last_checkpoint()
+    if resume:
+        S.log(STAGE, f"resuming from {resume}")
+    trainer.train(resume_from_checkpoint=resume)
+    final = trainer.evaluate() if eval_ds is not None else {}
+
+    metrics = {"base": base, "final": final, "best_eval_loss": trainer.state.best_metric,
+               "lengths": {"train": train_len.to_dict(), "validation": eval_len.to_dict() if eval_len else None}}
+    if base and final:
+        S.log(STAGE, f"validation loss (response tokens): base {base['base_loss']:.4f} -> final {final['eval_loss']:.4f}")
+    manifest = S.base_manifest(args, policy, data, fp, summary) | {"metrics": metrics}
+    return S.save_artifact(trainer, policy, out, manifest, STAGE, args.run.keep_checkpoints)
+
+
+def cli(argv=None) -> int:
+    return S.run_cli(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,103 @@
+"""Recipe parsing: TrlParser semantics, our typed groups, errors that name the key."""
+import os
+
+import pytest
+
+from stages.core.config import DataArguments, PolicyArguments, RunArguments
+from stages.core.errors import ConfigError
+from stages.core.stage import parse_stage
+
+
+def _sft_config():
+    from trl import SFTConfig
+
+    return SFTConfig
+
+
+def write(tmp_path, text, name="r.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_recipe_keys_are_defaults_and_cli_flags_override(tmp_path):
+    r = write(tmp_path, "model_name_or_path: m\noutput_dir: out\nlearning_rate: 0.001\nlora_r: 8\npeft_method: lora\n")
+    args = parse_stage(_sft_config(), ["--config", r, "--learning_rate", "0.5", "--lora_alpha", "64"])
+    assert args.training.learning_rate == 0.5
+    assert args.model.lora_r == 8 and args.model.lora_alpha == 64
+    assert args.policy.peft_method == "lora"
+    assert {"learning_rate", "lora_alpha", "lora_r"} <= args.explicit
+
+
+def test_env_block_is_exported(tmp_path, monkeypatch):
+    monkeypatch.delenv("RLHF_TEST_ENV", raising=False)
+    r = write(tmp_path, "output_dir: out\nenv:\n  RLHF_TEST_ENV: hello\n")
+    parse_stage(_sft_config(), ["--config", r])
+    assert os.environ["RLHF_TEST_ENV"] == "hello"
+    monkeypatch.delenv("RLHF_TEST_ENV")
+
+
+def test_unknown_recipe_key_is_named_with_suggestion(tmp_path):
+    r = write(tmp_path, "output_dir: out\nlearnng_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: unknown key 'learnng_rate' \(did you mean 'learning_rate'\?\)"):
+        parse_stage(_sft_config(), ["--config", r])
+
+
+def test_unknown_cli_flag_is_named_with_suggestion(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown command-line option '--lora_rank' \(did you mean '"):
+        parse_stage(_sft_config(), ["--output_dir", "x", "--lora_rank", "4"])
+
+
+def test_invalid_values_name_their_key():
+    with pytest.raises(ConfigError, match="peft_method: unknown method 'lorra'.*did you mean 'lora'"):
+        PolicyArguments(peft_method="lorra")
+    with pytest.raises(ConfigError, match="on_long"):
+        DataArguments(on_long="cut")
+    with pytest.raises(ConfigError, match="validation_fraction"):
+        DataArguments(validation_fraction=1.5)
+    with pytest.raises(ConfigError, match="precision"):
+        RunArguments(precision="fp8")
+
+
+def test_missing_recipe_and_bad_yaml_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="recipe not found"):
+        parse_stage(_sft_config(), ["--config", str(tmp_path / "nope.yaml")])
+    r = write(tmp_path, "- just\n- a list\n")
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
+        parse_stage(_sft_config(), ["--config", r])
+
+
+def test_trl_modelconfig_flags_choose_the_method():
+    from trl import ModelConfig
+
+    p = PolicyArguments()
+    assert p.resolve_method(ModelConfig()) == "full"
+    assert p.resolve_method(ModelConfig(use_peft=True)) == "lora"
+    assert p.resolve_method(ModelConfig(use_peft=True, use_dora=True)) == "dora"
+    assert p.resolve_method(ModelConfig(use_peft=True, load_in_4bit=True)) == "qlora"
+    assert PolicyArguments(peft_method="bottleneck").peft_method == "adapters"
+
+
+def test_cpu_run_gets_use_cpu_and_no_fp16(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    r = write(tmp_path, "output_dir: out\nfp16: true\n")
+    args = parse_stage(_sft_config(), ["--config", r])
+    assert args.training.use_cpu is True
+    assert args.training.fp16 is False  # fp16 is not a CPU precision: bf16 or fp32 instead
+    assert args.training.gradient_checkpointing is False  # not set by the recipe: off on CPU
+    assert "tensorboard" in args.training.report_to
+
+
+def test_output_dir_is_required():
+    with pytest.raises(ConfigError, match="output_dir"):
+        parse_stage(_sft_config(), [])
+
+
+def test_datasets_accept_json_on_the_command_line(tmp_path):
+    args = parse_stage(_sft_config(), ["--output_dir", "o", "--datasets", "a.jsonl", "b.jsonl",
+                                        "--column_mapping", '{"prompt": "question"}'])
+    assert args.data.datasets == ["a.jsonl", "b.jsonl"]
+    assert args.data.column_mapping == {"prompt": "question"}
