@@ -72,6 +72,8 @@ def test_fresh_adapter_is_identity(tok, batch, arch):
     model = get_peft_model(base, _cfg()).eval()
     assert model.targeted_module_names == EXPECTED_TARGETS[arch]
     assert sum(isinstance(m, BottleneckLayer) for m in model.modules()) == 4
+    wrapped = model.get_base_model().get_submodule(EXPECTED_TARGETS[arch][2])
+    assert isinstance(wrapped, BottleneckLayer) and wrapped.layer_idx == 1  # attributes reach the wrapped module
     assert torch.equal(_logits(model, batch), ref)
 
 
@@ -128,7 +130,7 @@ def test_save_and_reload_identical(tok, batch, tmp_path):
     assert torch.equal(_logits(loaded, batch), trained)
     assert loaded.get_nb_trainable_parameters()[0] == 0  # inference mode by default
     # the same file also loads under another adapter name, next to an existing adapter
-    loaded.load_adapter(tmp_path, adapter_name="copy")
+    loaded.load_adapter(tmp_path, adapter_name="copy", low_cpu_mem_usage=True)
     loaded.set_adapter("copy")
     assert torch.equal(_logits(loaded, batch), trained)
 
@@ -244,9 +246,9 @@ def test_sft_trainer_trains_and_saves_reloadable_adapter(tok, batch, tmp_path, g
                          processing_class=tok, peft_config=_cfg())
     model = trainer.model
     assert isinstance(model, PeftModel) and isinstance(model.peft_config["default"], BottleneckConfig)
-    assert model.get_base_model().is_activation_checkpointing == gradient_checkpointing
     before = {k: v.clone() for k, v in model.state_dict().items() if "bottleneck_up" in k}
-    trainer.train()
+    trainer.train()  # the Trainer switches checkpointing on at train() time
+    assert model.get_base_model().is_activation_checkpointing == gradient_checkpointing
     assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)
     out_dir = tmp_path / "adapter"
     trainer.save_model(str(out_dir))
@@ -266,7 +268,8 @@ def test_dpo_trainer_uses_disabled_adapter_as_reference(tok, tmp_path):
                               "chosen": [" Paris."] * 4, "rejected": [" Berlin."] * 4})
     args = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=2, per_device_train_batch_size=2,
                      learning_rate=1e-2, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
-                     logging_steps=1, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+                     logging_steps=1, gradient_checkpointing=True,
+                     gradient_checkpointing_kwargs={"use_reentrant": True})
     trainer = DPOTrainer(model=_base(tok), args=args, train_dataset=data, processing_class=tok, peft_config=_cfg())
     assert trainer.ref_model is None and isinstance(trainer.model, PeftModel)
     trainer.train()

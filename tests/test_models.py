@@ -166,7 +166,7 @@ def test_gguf_cache_key_changes_with_content(tiny_gguf, tmp_path):
 def test_convert_gguf_bad_file(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf at all" * 10)
-    with pytest.raises(Exception):
+    with pytest.raises(ModelError, match="bad.gguf"):
         models.resolve_model(str(bad))
     assert not (tmp_path / "cache" / "models").exists() or not any(
         p.name.startswith("gguf-bad") for p in (tmp_path / "cache" / "models").iterdir())

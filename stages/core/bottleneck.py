@@ -8,11 +8,12 @@ adapted. Several active adapters are applied one after another (stacked). Adapte
 Registration (why this way): PEFT 0.21's ``register_peft_method`` refuses any name missing from the closed
 ``peft.utils.PeftType`` enum, and Python enums cannot be extended without poking at private enum internals. Every
 lookup PEFT makes, however, goes through the ``PEFT_TYPE_TO_{CONFIG,TUNER,PREFIX}_MAPPING`` dicts keyed by the
-``peft_type`` value, and PEFT explicitly accepts a ``peft_type`` that is a ``str`` or another enum (huggingface/peft
-#2634). So :func:`register` fills those dicts (with the same uniqueness checks ``register_peft_method`` performs) for
-our own ``str`` enum member ``BOTTLENECK``; a ``str`` enum hashes and compares like its value, so the ``"BOTTLENECK"``
-read back from ``adapter_config.json`` finds the same entries. Result: ``get_peft_model``, ``PeftModel.from_pretrained``,
-``add_adapter``/``load_adapter``, ``disable_adapter`` and TRL trainers work unchanged, with no patching of PEFT.
+``peft_type`` value, and ``PeftConfig.peft_type`` is typed ``Union[str, PeftType]`` (PEFT fixed its handling of
+custom types in huggingface/peft#2634). So :func:`register` fills those dicts (with the uniqueness checks that
+``register_peft_method`` performs) for our own ``str`` enum member ``BOTTLENECK``; a ``str`` enum hashes and compares
+like its value, so the ``"BOTTLENECK"`` read back from ``adapter_config.json`` finds the same entries. Result:
+``get_peft_model``, ``PeftModel.from_pretrained``, ``add_adapter``/``load_adapter``, ``disable_adapter`` and TRL
+trainers work unchanged, with no patching of PEFT.
 The registry lives in the process, so ``stages.core.bottleneck`` must be imported before loading a saved adapter;
 otherwise PEFT fails with ``KeyError: 'BOTTLENECK'``.
 """

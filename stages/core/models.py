@@ -47,7 +47,8 @@ ALIASES: dict[str, Alias] = {
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
     "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -174,6 +175,7 @@ def convert_gguf(gguf_path, out_dir) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it 0700
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         try:
@@ -202,7 +204,8 @@ def prepare_tokenizer(tokenizer, *, chat_template: str | None = None, model=None
     Chat template: ``chat_template`` (a template string or a .jinja path) > the tokenizer's own >
     DEFAULT_CHAT_TEMPLATE (adding the ChatML tokens, with ``<|im_end|>`` as eos, if missing).
     Pad: when missing or equal to eos, the first PAD_CANDIDATES token that exists and is neither eos
-    (old or new) nor used by the template, else a new NEW_PAD_TOKEN. If ``model`` is given its embeddings and special-token ids follow.
+    (old or new) nor used by the template, else a new NEW_PAD_TOKEN. If ``model`` is given, its
+    embeddings and special-token ids follow (sync_model_special_tokens).
     """
     old_eos = tokenizer.eos_token
     if chat_template is not None:

@@ -1,0 +1,136 @@
+"""The SFT stage end to end on tiny models: artifact, manifest, skip, resume, early stopping, errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages import sft
+from stages.core import stage as S
+from stages.core.errors import ConfigError, DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "recipes/tiny/sft.yaml")
+
+
+def run_sft(model, out, *extra):
+    return sft.main(["--config", TINY, "--model_name_or_path", str(model), "--output_dir", str(out), *extra])
+
+
+def manifest(out):
+    return json.loads((Path(out) / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft") / "sft"
+    run_sft(tiny_llama, out)
+    return out
+
+
+def test_sft_writes_a_complete_artifact_with_lineage(trained, tiny_llama):
+    files = {p.name for p in trained.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "manifest.json", "metrics.json", "curves.png"} <= files
+    assert "chat_template.jinja" in files or "chat_template" in (trained / "tokenizer_config.json").read_text()
+    assert not any(f.endswith(".bin") for f in files)  # safetensors only
+    m = manifest(trained)
+    assert m["status"] == "complete" and m["stage"] == "sft" and m["peft_method"] == "lora"
+    assert m["base_model"] == str(tiny_llama)
+    assert m["config"]["training"]["learning_rate"] == 5e-3
+    assert m["data"]["train_rows"] > 0 and m["fingerprint"]
+    assert m["packages"]["trl"] and "git_commit" in m
+    assert 0 < m["trainable"]["trainable_pct"] < 100
+    assert not (trained.parent / ".sft.work").exists()  # checkpoints removed once complete
+    # the adapter points at the model it was trained on
+    assert json.loads((trained / "adapter_config.json").read_text())["base_model_name_or_path"] == str(Path(tiny_llama).resolve())
+
+
+def test_validation_loss_is_compared_with_the_base_and_improves(trained):
+    metrics = manifest(trained)["metrics"]
+    base, final = metrics["base"]["base_loss"], metrics["final"]["eval_loss"]
+    assert final < base, (base, final)
+
+
+def test_rerun_with_same_config_skips_and_changed_config_refuses(trained, tiny_llama, capsys):
+    before = (trained / "manifest.json").read_text()
+    run_sft(tiny_llama, trained)
+    assert "nothing to do" in capsys.readouterr().out
+    assert (trained / "manifest.json").read_text() == before
+    with pytest.raises(ConfigError, match="different config"):
+        run_sft(tiny_llama, trained, "--learning_rate", "0.001")
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_interrupted_run_leaves_no_artifact_and_resumes(tiny_llama, tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+
+    class CrashAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 4:
+                raise _Crash()
+
+    orig = S.callbacks
+    monkeypatch.setattr(S, "callbacks", lambda args: orig(args) + [CrashAfter()])
+    out = tmp_path / "sft"
+    with pytest.raises(_Crash):
+        run_sft(tiny_llama, out)
+    assert not out.exists()  # nothing complete-looking
+    ckpts = sorted(p.name for p in (tmp_path / ".sft.work" / "checkpoints").iterdir())
+    assert ckpts == ["checkpoint-3"]
+    monkeypatch.setattr(S, "callbacks", orig)
+    run_sft(tiny_llama, out)
+    hist = json.loads((out / "metrics.json").read_text())["log_history"]
+    steps = [h["step"] for h in hist if "loss" in h]
+    assert min(steps) > 3, steps  # training continued from checkpoint-3, not from scratch
+    assert manifest(out)["status"] == "complete"
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tiny_llama, tmp_path):
+    out = tmp_path / "sft"
+    run_sft(tiny_llama, out, "--learning_rate", "3.0", "--max_steps", "30", "--eval_steps", "1", "--save_steps", "1",
+            "--early_stopping_patience", "1", "--logging_steps", "1")
+    m = manifest(out)
+    hist = json.loads((out / "metrics.json").read_text())["log_history"]
+    last_step = max(h["step"] for h in hist)
+    assert last_step < 30  # stopped early
+    evals = [h["eval_loss"] for h in hist if "eval_loss" in h]
+    assert m["metrics"]["final"]["eval_loss"] == pytest.approx(min(evals), rel=1e-4)
+
+
+def test_trl_cli_config_runs_unchanged(tiny_qwen2, tmp_path):
+    data = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": f"{w}!"}]}
+            for w in ["red", "green", "blue", "cyan", "pink", "gold", "grey", "teal"] * 3]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {  # a config as written for `trl sft --config`
+        "model_name_or_path": str(tiny_qwen2), "dataset_name": str(data), "learning_rate": 2.0e-4,
+        "max_steps": 2, "per_device_train_batch_size": 2, "use_peft": True, "lora_r": 4, "lora_alpha": 8,
+        "output_dir": str(tmp_path / "out"), "report_to": "none", "bf16": True, "gradient_checkpointing": True,
+        "logging_steps": 1,
+    }
+    (tmp_path / "trl.yaml").write_text(yaml.safe_dump(cfg))
+    sft.main(["--config", str(tmp_path / "trl.yaml")])
+    m = manifest(tmp_path / "out")
+    assert m["peft_method"] == "lora" and m["data"]["train_rows"] > 0
+
+
+def test_bad_data_names_file_row_field_and_writes_nothing(tiny_llama, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]})
+                   + "\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl.*row 1.*content"):
+        run_sft(tiny_llama, tmp_path / "out", "--datasets", str(bad))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_exit_code_and_one_line_error(tiny_llama, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "stages.sft", "--config", TINY, "--model_name_or_path", str(tiny_llama),
+                           "--output_dir", str(tmp_path / "o"), "--datasets", str(tmp_path / "missing.jsonl")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "missing.jsonl" in proc.stderr and "Traceback" not in proc.stderr
