@@ -7,6 +7,11 @@ import sys
 # name -> (module, function, one-line help)
 COMMANDS = {
     "sft": ("stages.sft", "cli", "supervised fine-tuning stage (same flags as stages/sft.py)"),
+    "rm": ("stages.rm", "cli", "reward-model stage on preference pairs"),
+    "dpo": ("stages.dpo", "cli", "DPO stage (and its loss family: ipo, hinge, robust, ...)"),
+    "kto": ("stages.kto", "cli", "KTO stage on unpaired preference data"),
+    "orpo": ("stages.orpo", "cli", "ORPO stage (reference-free)"),
+    "score": ("reward.score_cli", "main", "score a JSONL of prompt/response rows with a reward model or rule"),
     "demo-data": ("stages.core.demo", "cli", "write the built-in demo datasets as JSONL files"),
 }
 

@@ -39,7 +39,7 @@ def test_sft_writes_a_complete_artifact_with_lineage(trained, tiny_llama):
     assert m["status"] == "complete" and m["stage"] == "sft" and m["peft_method"] == "lora"
     assert m["base_model"] == str(tiny_llama)
     assert m["config"]["training"]["learning_rate"] == 5e-3
-    assert m["data"]["train_rows"] > 0 and m["fingerprint"]
+    assert m["data"]["train_size"] > 0 and m["fingerprint"]
     assert m["packages"]["trl"] and "git_commit" in m
     assert 0 < m["trainable"]["trainable_pct"] < 100
     assert not (trained.parent / ".sft.work").exists()  # checkpoints removed once complete
@@ -116,7 +116,7 @@ def test_trl_cli_config_runs_unchanged(tiny_qwen2, tmp_path):
     (tmp_path / "trl.yaml").write_text(yaml.safe_dump(cfg))
     sft.main(["--config", str(tmp_path / "trl.yaml")])
     m = manifest(tmp_path / "out")
-    assert m["peft_method"] == "lora" and m["data"]["train_rows"] > 0
+    assert m["peft_method"] == "lora" and m["data"]["train_size"] > 0
 
 
 def test_bad_data_names_file_row_field_and_writes_nothing(tiny_llama, tmp_path):

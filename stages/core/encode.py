@@ -78,21 +78,10 @@ def encode_sft(dataset, tokenizer, *, max_length: int | None, loss_on: str = "as
     for row_idx, row in enumerate(dataset):
         messages = row["messages"]
         try:
-            text, spans = render_spans(messages, tokenizer)
+            ids, labels, last_start = encode_conversation(messages, tokenizer, loss_on=loss_on)
         except ValueError:
             raise DataError("the chat template renders earlier turns differently once later turns are added; "
                             "set a prefix-consistent chat_template", source=source, row=row_idx, field="messages") from None
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        if loss_on == "last":
-            spans = spans[-1:]
-        labels, last_start = [], len(ids)
-        for t, (a, b) in zip(ids, offsets):
-            trained = loss_on == "all" or any(s <= a < e for s, e in spans)
-            labels.append(t if trained else -100)
-        if spans:
-            ls = spans[-1][0]
-            last_start = next((j for j, (a, _) in enumerate(offsets) if a >= ls), len(ids))
         report.rows += 1
         report.max_tokens_seen = max(report.max_tokens_seen, len(ids))
         if max_length is not None and len(ids) > max_length:
@@ -111,4 +100,103 @@ def encode_sft(dataset, tokenizer, *, max_length: int | None, loss_on: str = "as
             continue
         out["input_ids"].append(ids)
         out["labels"].append(labels)
+    return Dataset.from_dict(out), report
+
+
+def encode_conversation(messages: list[dict], tokenizer, *, loss_on: str = "assistant"):
+    """One conversation → (input_ids, labels, index of the final response's first token)."""
+    text, spans = render_spans(messages, tokenizer)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    if loss_on == "last":
+        spans = spans[-1:]
+    labels = [t if loss_on == "all" or any(s <= a < e for s, e in spans) else -100 for t, (a, _) in zip(ids, offsets)]
+    last_start = len(ids)
+    if spans:
+        last_start = next((j for j, (a, _) in enumerate(offsets) if a >= spans[-1][0]), len(ids))
+    return ids, labels, last_start
+
+
+def _fit_split(prompt: list[int], responses: list[list[int]], max_length: int, report: LengthReport):
+    """The truncation rule for prompt + several responses sharing it (DPO layout)."""
+    longest = max(len(r) for r in responses)
+    if len(prompt) + longest <= max_length:
+        return prompt, responses
+    report.over_limit += 1
+    if longest <= max_length - 1:
+        report.prompt_trimmed += 1
+        return prompt[len(prompt) + longest - max_length:], responses
+    keep = min(len(prompt), max_length // 4)
+    report.response_cut += 1
+    return prompt[len(prompt) - keep:], [r[: max_length - keep] for r in responses]
+
+
+def encode_preference(dataset, tokenizer, *, max_length: int | None, on_long: str = "truncate", source: str = "train",
+                      layout: str = "pair"):
+    """Preference rows → token ids under the suite's truncation rule.
+
+    layout "pair": chosen_ids/rejected_ids, full sequences (RewardTrainer); layout "dpo": prompt_ids
+    plus chosen_ids/rejected_ids holding only the responses (DPOTrainer). TRL drops or cuts long
+    pairs silently; here they are truncated (prompt head trimmed, responses kept) or dropped/refused
+    by `on_long`, and counted either way.
+    """
+    from datasets import Dataset
+
+    report = LengthReport()
+    out: dict[str, list] = {"chosen_ids": [], "rejected_ids": []}
+    keys = ("chosen", "rejected") if "chosen" in dataset.column_names else ("completion",)
+    if keys == ("completion",):  # unpaired (KTO): prompt_ids, completion_ids, label
+        if layout != "dpo":
+            raise ValueError("unpaired rows need layout='dpo'")
+        out = {"prompt_ids": [], "completion_ids": [], "label": []}
+    elif layout == "dpo":
+        out["prompt_ids"] = []
+    has_margin = "margin" in dataset.column_names
+    if has_margin:
+        out["margin"] = []
+    for row_idx, row in enumerate(dataset):
+        pair = []
+        try:
+            for key in keys:
+                ids, labels, start = encode_conversation(row["prompt"] + row[key], tokenizer, loss_on="last")
+                pair.append((ids, labels, start))
+        except ValueError:
+            raise DataError("the chat template is not prefix-consistent; set chat_template", source=source,
+                            row=row_idx, field="prompt") from None
+        report.rows += 1
+        longest = max(len(p[0]) for p in pair)
+        report.max_tokens_seen = max(report.max_tokens_seen, longest)
+        if max_length is not None and longest > max_length:
+            if on_long == "error":
+                raise DataError(f"{longest} tokens, over max_length={max_length} (set on_long: truncate or drop)",
+                                source=source, row=row_idx, field="chosen/rejected")
+            if on_long == "drop":
+                report.over_limit += 1
+                report.dropped += 1
+                if len(report.examples) < 5:
+                    report.examples.append({"row": row_idx, "tokens": longest})
+                continue
+        if layout == "dpo":
+            prompt = pair[0][0][: pair[0][2]]
+            responses = [ids[start:] for ids, _, start in pair]
+            if max_length is not None:
+                prompt, responses = _fit_split(prompt, responses, max_length, report)
+            out["prompt_ids"].append(prompt)
+            if keys == ("completion",):
+                out["completion_ids"].append(responses[0])
+                out["label"].append(bool(row["label"]))
+            else:
+                out["chosen_ids"].append(responses[0])
+                out["rejected_ids"].append(responses[1])
+        else:
+            if max_length is not None and longest > max_length:
+                counted = LengthReport()
+                pair = [(*_fit(ids, labels, start, max_length, counted), start) for ids, labels, start in pair]
+                report.over_limit += 1
+                report.prompt_trimmed += int(counted.prompt_trimmed > 0 and counted.response_cut == 0)
+                report.response_cut += int(counted.response_cut > 0)
+            out["chosen_ids"].append(pair[0][0])
+            out["rejected_ids"].append(pair[1][0])
+        if has_margin:
+            out["margin"].append(float(row["margin"]) if row["margin"] is not None else 0.0)
     return Dataset.from_dict(out), report

@@ -74,9 +74,10 @@ def suggest(name: str, choices: Iterable[str]) -> str:
 
 def check_mappings(column_mapping: Mapping | None, role_mapping: Mapping | None) -> None:
     """Raise ConfigError for unknown column_mapping keys or role_mapping targets."""
-    for key in column_mapping or {}:
+    for key, value in (column_mapping or {}).items():
         if key not in MAPPABLE:
-            raise ConfigError(f"column_mapping key '{key}' is not a canonical field{suggest(key, MAPPABLE)}; "
+            hint = f" (reversed? did you mean {{'{value}': '{key}'}})" if value in MAPPABLE else suggest(key, MAPPABLE)
+            raise ConfigError(f"column_mapping key '{key}' is not a canonical field{hint}; "
                               f"keys are canonical fields ({', '.join(MAPPABLE)}), values are your column names")
     for src, dst in (role_mapping or {}).items():
         if dst not in ROLES:

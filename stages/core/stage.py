@@ -133,23 +133,35 @@ def callbacks(args: ParsedArgs) -> list:
     return cbs
 
 
-def evaluate_base(trainer, out: StageOutput, stage: str) -> dict | None:
-    """Validation metrics of the starting model (adapters disabled), cached across resumes."""
-    cache = out.work / "base_metrics.json"
+def evaluate_before(trainer, out: StageOutput, stage: str, *, prefix: str, disable_adapter: bool) -> dict | None:
+    """Validation metrics before training, cached across resumes.
+
+    prefix "base": the starting model with adapters disabled (SFT's "compare with the base model").
+    prefix "start": the untrained starting point as built (e.g. a reward model's fresh head).
+    """
+    cache = out.work / f"{prefix}_metrics.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     if trainer.eval_dataset is None:
         return None
-    log(stage, "evaluating the starting model on the validation split")
+    log(stage, f"evaluating the {'starting model' if disable_adapter else 'untrained start'} on the validation split")
     model = trainer.model
-    if hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
+    if disable_adapter and hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
         with model.disable_adapter():
-            metrics = trainer.evaluate(metric_key_prefix="base")
+            metrics = trainer.evaluate(metric_key_prefix=prefix)
     else:
-        metrics = trainer.evaluate(metric_key_prefix="base")
+        metrics = trainer.evaluate(metric_key_prefix=prefix)
     if runtime.is_main_process():
         artifacts.write_json(cache, metrics)
     return metrics
+
+
+def evaluate_base(trainer, out: StageOutput, stage: str) -> dict | None:
+    return evaluate_before(trainer, out, stage, prefix="base", disable_adapter=True)
+
+
+def evaluate_start(trainer, out: StageOutput, stage: str) -> dict | None:
+    return evaluate_before(trainer, out, stage, prefix="start", disable_adapter=False)
 
 
 def save_artifact(trainer, policy, out: StageOutput, manifest: dict, stage: str, keep_checkpoints: bool) -> Path | None:

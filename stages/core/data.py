@@ -1,0 +1,490 @@
+"""Dataset loading: sources, mixtures, validation, dedupe, split, fingerprints and a report.
+
+``load_data(sources, task=...)`` reads each source (file, directory, ``save_to_disk`` folder, Hub
+name or ``demo:NAME``), converts every row to the task's canonical form (``formats.py``),
+validates, removes exact duplicates, mixes (``fraction`` as TRL, ``weight`` to repeat or
+subsample), splits off a validation set and returns ``datasets.Dataset`` objects with a report.
+
+Error positions: ``row`` is the 0-based record index within its file (blank JSONL lines are not
+counted); JSON syntax errors name the 1-based line. Order of operations per source: read
+(``max_rows`` caps rows read) → convert/validate → dedupe (also across earlier sources) →
+``fraction``; then the split (over unique rows) → ``weight`` (training rows only) → shuffle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import importlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import formats as F
+from .errors import ConfigError, DataError
+
+SOURCE_KEYS = ("path", "name", "data_dir", "data_files", "split", "columns", "fraction",
+               "weight", "format", "column_mapping", "role_mapping", "max_rows")
+SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+MAX_EXAMPLES = 5  # dropped-row examples kept in the report
+
+
+@dataclass
+class SourceReport:
+    """What happened to one source's rows."""
+
+    source: str
+    format: str = ""
+    files: list[str] = field(default_factory=list)
+    weight: float = 1.0
+    fraction: float | None = None
+    rows_read: int = 0
+    rows_kept: int = 0  # canonical rows after validation, dedupe and fraction
+    rows_train: int = 0  # after the split and weight
+    rows_eval: int = 0
+    dropped_by_reason: dict[str, int] = field(default_factory=dict)
+    duplicates_removed: int = 0
+    fingerprint: str = ""
+
+
+@dataclass
+class DataReport:
+    """Counts and fingerprints for the manifest."""
+
+    task: str
+    on_invalid: str
+    sources: list[SourceReport]
+    eval_sources: list[SourceReport] = field(default_factory=list)
+    split: dict = field(default_factory=dict)
+    train_size: int = 0
+    eval_size: int = 0
+    eval_overlap_removed: int = 0  # training rows identical to an eval_sources row
+    train_fingerprint: str = ""
+    eval_fingerprint: str | None = None
+    dropped_examples: list[dict] = field(default_factory=list)
+    meta_encoding: str | None = None  # "native", or "json" when meta values don't fit one arrow type
+
+    def totals(self) -> dict:
+        srcs = self.sources + self.eval_sources
+        return {"rows_read": sum(s.rows_read for s in srcs), "rows_kept": sum(s.rows_kept for s in srcs),
+                "dropped": sum(sum(s.dropped_by_reason.values()) for s in srcs),
+                "duplicates_removed": sum(s.duplicates_removed for s in srcs)}
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["totals"] = self.totals()
+        d["fingerprints"] = {"train": self.train_fingerprint, "eval": self.eval_fingerprint,
+                             "sources": [s.fingerprint for s in self.sources],
+                             "eval_sources": [s.fingerprint for s in self.eval_sources]}
+        return d
+
+    def summary(self) -> str:
+        lines = [f"data ({self.task}): {self.train_size} train / {self.eval_size} eval rows; split: "
+                 f"{self.split.get('rule')}"]
+        for s in self.sources + self.eval_sources:
+            dropped = ", ".join(f"{k}={v}" for k, v in sorted(s.dropped_by_reason.items())) or "none"
+            lines.append(f"  {s.source} [{s.format}]: read {s.rows_read}, kept {s.rows_kept}, dropped {dropped}, "
+                         f"duplicates {s.duplicates_removed}, weight {s.weight:g}, fp {s.fingerprint[:12]}")
+        for ex in self.dropped_examples:
+            lines.append(f"  dropped: {ex['message']}")
+        if self.eval_overlap_removed:
+            lines.append(f"  removed {self.eval_overlap_removed} training rows identical to eval rows")
+        return "\n".join(lines)
+
+
+@dataclass
+class LoadedData:
+    train: Any  # datasets.Dataset
+    eval: Any  # datasets.Dataset | None
+    report: DataReport
+
+
+# ---------------------------------------------------------------- reading
+
+
+def row_key(row: dict) -> str:
+    """Canonical JSON of a row (the identity used for dedupe and fingerprints)."""
+    return json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def fingerprint(keys) -> str:
+    h = hashlib.sha256()
+    for k in keys:
+        h.update(k.encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _json_lines(text: str, label: str) -> list[dict]:
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"malformed JSON on line {n}: {e.msg} (column {e.colno})", source=label) from None
+        if not isinstance(obj, dict):
+            raise DataError(f"line {n}: expected a JSON object, got {type(obj).__name__}", source=label)
+        rows.append(obj)
+    return rows
+
+
+def _decode_cell(v: Any) -> Any:
+    if isinstance(v, str) and v[:1] in "[{":
+        try:
+            obj = json.loads(v)
+        except ValueError:
+            return v
+        if isinstance(obj, dict) or (isinstance(obj, list) and all(isinstance(x, dict) for x in obj)):
+            return obj
+    return v
+
+
+def read_file(path: Path) -> list[dict]:
+    """Rows of one .json/.jsonl/.csv/.parquet file (CSV cells holding JSON objects/lists are decoded)."""
+    label, suffix = str(path), path.suffix.lower()
+    if suffix in (".json", ".jsonl"):
+        text = path.read_text(encoding="utf-8")
+        if suffix == ".json":
+            try:
+                obj = json.loads(text) if text.strip() else []
+            except json.JSONDecodeError as e:
+                if text.lstrip()[:1] == "[":
+                    raise DataError(f"malformed JSON on line {e.lineno}: {e.msg}", source=label) from None
+                obj = None  # not one document: JSON lines
+            if isinstance(obj, dict):
+                obj = [obj]
+            if obj is not None:
+                if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
+                    raise DataError("expected a JSON array of objects (or JSON lines)", source=label)
+                return obj
+        return _json_lines(text, label)
+    if suffix == ".csv":
+        import pandas as pd
+
+        df = pd.read_csv(path)
+        return [{k: _decode_cell(v) for k, v in r.items()}
+                for r in df.astype(object).where(df.notna(), None).to_dict("records")]
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise DataError(f"unsupported file type '{suffix}'; expected one of {', '.join(SUFFIXES)}", source=label)
+
+
+def _read_saved(path: Path, split: str | None) -> list[dict]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        split = split or "train"
+        if split not in ds:
+            raise DataError(f"split '{split}' not found; splits: {', '.join(ds)}", source=str(path))
+        ds = ds[split]
+    return ds.to_list()
+
+
+def _read_hub(spec: dict) -> list[dict]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(spec["path"], spec.get("name"), data_dir=spec.get("data_dir"),
+                                   data_files=spec.get("data_files"), split=spec.get("split") or "train")
+    except Exception as e:  # offline, unknown name, bad config...
+        raise DataError(f"no local file or directory of that name, and loading it as a Hub dataset failed: "
+                        f"{type(e).__name__}: {e}", source=spec["path"]) from None
+    return list(ds)
+
+
+def _expand(patterns, base: Path | None, label: str) -> list[Path]:
+    files = []
+    for pat in [patterns] if isinstance(patterns, str) else patterns:
+        pat = str(base / pat) if base is not None else str(pat)
+        found = sorted(glob.glob(pat)) if any(c in pat for c in "*?[") else [pat]
+        for f in found:
+            if not Path(f).is_file():
+                raise DataError(f"file not found: {f}", source=label)
+            files.append(Path(f))
+    return files
+
+
+def read_source(spec: dict) -> list[tuple[str, list[dict]]]:
+    """(file label, rows) pairs for one normalised source spec."""
+    path = spec["path"]
+    if path.startswith("demo:"):
+        demo = importlib.import_module("stages.core.demo")
+        return [(path, [dict(r) for r in demo.load(path[len("demo:"):])])]
+    p = Path(path).expanduser()
+    files = spec.get("data_files")
+    if files is not None and (p.is_dir() or path in ("json", "csv", "parquet")):
+        if isinstance(files, dict):
+            split = spec.get("split") or "train"
+            if split not in files:
+                raise DataError(f"split '{split}' not in data_files ({', '.join(files)})", source=path)
+            files = files[split]
+        base = p if p.is_dir() else None
+        if spec.get("data_dir"):
+            base = (base or Path(".")) / spec["data_dir"]
+        return [(str(f), read_file(f)) for f in _expand(files, base, path)]
+    if p.is_file():
+        return [(str(p), read_file(p))]
+    if p.is_dir():
+        if spec.get("data_dir"):
+            p = p / spec["data_dir"]
+        if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
+            return [(str(p), _read_saved(p, spec.get("split")))]
+        found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SUFFIXES)
+        if not found:
+            raise DataError(f"directory has no {'/'.join(SUFFIXES)} files and is not a save_to_disk dataset",
+                            source=str(p))
+        return [(str(f), read_file(f)) for f in found]
+    if Path(path).suffix.lower() in SUFFIXES or path.startswith(("/", ".", "~")) or \
+            not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
+        raise DataError(f"file or directory not found: {path}", source=path)
+    return [(path, _read_hub(spec))]
+
+
+# ---------------------------------------------------------------- converting
+
+
+def normalize_source(src: Any, index: int) -> dict:
+    """A source as a dict with known keys (strings are {"path": s}; TRL DatasetConfig accepted)."""
+    if isinstance(src, (str, Path)):
+        src = {"path": str(src)}
+    elif dataclasses.is_dataclass(src):
+        src = {k: v for k, v in dataclasses.asdict(src).items() if v is not None}
+    if not isinstance(src, dict):
+        raise ConfigError(f"datasets[{index}]: expected a path or a mapping, got {type(src).__name__}")
+    for key in src:
+        if key not in SOURCE_KEYS:
+            raise ConfigError(f"datasets[{index}]: unknown key '{key}'{F.suggest(key, SOURCE_KEYS)}; "
+                              f"valid keys: {', '.join(SOURCE_KEYS)}")
+    if not src.get("path"):
+        raise ConfigError(f"datasets[{index}]: 'path' is required")
+    weight = src.get("weight", 1.0)
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
+        raise ConfigError(f"datasets[{index}]: weight must be a number > 0, got {weight!r}")
+    fraction = src.get("fraction")
+    if fraction is not None and (not isinstance(fraction, (int, float)) or fraction < 0):
+        raise ConfigError(f"datasets[{index}]: fraction must be a number >= 0, got {fraction!r}")
+    return dict(src, path=str(src["path"]))
+
+
+class _Loader:
+    """Reads, converts, validates and dedupes sources; shares one `seen` set per role."""
+
+    def __init__(self, task, on_invalid, data_format, column_mapping, role_mapping, max_rows):
+        self.task, self.on_invalid, self.data_format = task, on_invalid, data_format
+        self.column_mapping, self.role_mapping, self.max_rows = column_mapping, role_mapping, max_rows
+        self.examples: list[dict] = []
+
+    def load(self, spec: dict, seen: set) -> tuple[SourceReport, list[tuple[str, dict]]]:
+        rep = SourceReport(source=spec["path"] + (f" [{spec['split']}]" if spec.get("split") else ""),
+                           weight=float(spec.get("weight", 1.0)), fraction=spec.get("fraction"))
+        cm = spec.get("column_mapping", self.column_mapping)
+        rm = spec.get("role_mapping", self.role_mapping)
+        F.check_mappings(cm, rm)
+        budget = spec.get("max_rows", self.max_rows)
+        out, fmts = [], []
+        for label, rows in read_source(spec):
+            if budget is not None:
+                rows, budget = rows[:max(budget, 0)], max(budget - len(rows), 0)
+            rep.files.append(label)
+            rep.rows_read += len(rows)
+            if not rows:
+                continue
+            rows = self._select(rows, spec.get("columns"), label)
+            fmt = self._format(spec, rows, cm, label)
+            fmts.append(fmt)
+            for i, row in enumerate(rows):
+                try:
+                    canon = F.convert_row(row, task=self.task, fmt=fmt, column_mapping=cm, role_mapping=rm,
+                                          source=label, index=i)
+                except F.RowError as e:
+                    if self.on_invalid == "error":
+                        raise
+                    rep.dropped_by_reason[e.reason] = rep.dropped_by_reason.get(e.reason, 0) + 1
+                    if len(self.examples) < MAX_EXAMPLES:
+                        self.examples.append({"source": label, "row": i, "field": e.field, "reason": e.reason,
+                                              "message": str(e)})
+                    continue
+                for c in canon:
+                    key = row_key(c)
+                    if key in seen:
+                        rep.duplicates_removed += 1
+                    else:
+                        seen.add(key)
+                        out.append((key, c))
+        rep.format = ",".join(dict.fromkeys(fmts))
+        rep.rows_kept = len(out)
+        return rep, out
+
+    @staticmethod
+    def _select(rows, columns, label):
+        if not columns:
+            return rows
+        present = set().union(*(r.keys() for r in rows[:100]))
+        missing = [c for c in columns if c not in present]
+        if missing:
+            raise DataError(f"columns {missing} (from 'columns') not found; columns seen: {sorted(present)}",
+                            source=label)
+        return [{c: r.get(c) for c in columns} for r in rows]
+
+    def _format(self, spec, rows, cm, label) -> str:
+        fmt = spec.get("format") or self.data_format
+        cols = sorted({k for r in rows[:100] for k, v in r.items() if v is not None})
+        for canon, col in (cm or {}).items():
+            if canon not in ("role", "content") and col not in cols:
+                hint = f" (did you mean {{'{col}': '{canon}'}}? keys are canonical fields)" if canon in cols else ""
+                raise DataError(f"column_mapping maps '{canon}' to column '{col}', which is not in the data; "
+                                f"columns seen: {cols}{hint}", source=label)
+        if fmt == "auto":
+            mapped = F.map_columns(dict.fromkeys(cols), cm)
+            sample = next((r for r in rows if F.map_columns(r, cm).get("chosen") is not None), rows[0])
+            fmt = F.detect_format(cols, sample if "chosen" in mapped else None, column_mapping=cm, source=label)
+        F.check_task(fmt, self.task, source=label)
+        return fmt
+
+
+# ---------------------------------------------------------------- mixing, splitting
+
+
+def _apply_fractions(parts: list, reports: list[SourceReport]) -> None:
+    """TRL semantics: shares normalised to one; mixture capped so no source is oversampled."""
+    fractions = [r.fraction for r in reports]
+    if all(f is None for f in fractions):
+        return
+    if any(f is None for f in fractions) or sum(fractions) <= 0:
+        raise ConfigError("fraction must be set for either all datasets in the mixture or none, with a positive sum")
+    shares = [f / sum(fractions) for f in fractions]
+    total = min(len(p) / s for p, s in zip(parts, shares) if s > 0)
+    for i, (p, s, r) in enumerate(zip(parts, shares, reports)):
+        parts[i] = p[:round(s * total)]
+        r.rows_kept = len(parts[i])
+
+
+def _rank(seed: int, key: str, salt: str = "") -> str:
+    return hashlib.sha256(f"{seed}:{salt}:{key}".encode("utf-8")).hexdigest()
+
+
+def _weighted(rows: list, weight: float, seed: int) -> list:
+    """Whole copies for the integer part; a seeded, content-hashed subset for the rest."""
+    target = round(weight * len(rows))
+    copies, rest = divmod(target, len(rows)) if rows else (0, 0)
+    out = [(k, c, n) for n in range(copies) for k, c in rows]
+    chosen = sorted(rows, key=lambda kc: _rank(seed, kc[0], "weight"))[:rest]
+    return out + [(k, c, copies) for k, c in chosen]
+
+
+def _dataset(rows: list[dict], report: DataReport):
+    import datasets
+
+    optional = [c for c in ("margin", "meta") if any(c in r for r in rows)]
+    rows = [dict(r, **{c: r.get(c) for c in optional}) for r in rows]
+    if "meta" in optional:
+        try:
+            ds = datasets.Dataset.from_list(rows)
+            ok = ds["meta"] == [r["meta"] for r in rows]
+        except Exception:  # mixed types arrow can't hold in one column
+            ok = False
+        if ok:
+            report.meta_encoding = report.meta_encoding or "native"
+            return ds
+        report.meta_encoding = "json"
+        rows = [dict(r, meta=None if r["meta"] is None else json.dumps(r["meta"], ensure_ascii=False))
+                for r in rows]
+    return datasets.Dataset.from_list(rows)
+
+
+def load_data(sources, *, task, eval_sources=None, validation_fraction=0.1, validation_size=None, seed=42,
+              on_invalid="error", data_format="auto", column_mapping=None, role_mapping=None,
+              max_rows=None) -> LoadedData:
+    """Load, validate, dedupe, mix and split ``sources`` into canonical rows for ``task``.
+
+    ``max_rows`` is the default per-source cap on rows read. Without ``eval_sources``, the
+    ``validation_size`` (or ``round(validation_fraction * unique rows)``, at least 1) unique rows
+    with the smallest ``sha256(seed, row)`` are held out: the split depends on row content and
+    seed, not on file order. Weights apply to training rows only; the training set is shuffled
+    deterministically (seeded), the eval set is in hash order."""
+    if task not in F.TASKS:
+        raise ConfigError(f"unknown task '{task}'{F.suggest(task, F.TASKS)}; expected one of {', '.join(F.TASKS)}")
+    if on_invalid not in ("error", "drop"):
+        raise ConfigError(f"on_invalid must be 'error' or 'drop', got {on_invalid!r}")
+    if data_format != "auto" and data_format not in F.FORMATS:
+        raise ConfigError(f"unknown data format '{data_format}'{F.suggest(data_format, F.FORMATS)}; "
+                          f"expected 'auto' or one of {', '.join(F.FORMATS)}")
+    if not 0 <= validation_fraction < 1:
+        raise ConfigError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+    if validation_size is not None and (not isinstance(validation_size, int) or validation_size < 0):
+        raise ConfigError(f"validation_size must be a non-negative integer, got {validation_size!r}")
+    if isinstance(sources, (str, dict, Path)):
+        sources = [sources]
+    if not sources:
+        raise ConfigError("no datasets given")
+    specs = [normalize_source(s, i) for i, s in enumerate(sources)]
+    eval_specs = [normalize_source(s, i) for i, s in enumerate(eval_sources or [])]
+    loader = _Loader(task, on_invalid, data_format, column_mapping, role_mapping, max_rows)
+    report = DataReport(task=task, on_invalid=on_invalid, sources=[])
+
+    seen: set = set()
+    parts = []
+    for spec in specs:
+        rep, rows = loader.load(spec, seen)
+        report.sources.append(rep)
+        parts.append(rows)
+    _apply_fractions(parts, report.sources)
+    for rep, rows in zip(report.sources, parts):
+        rep.fingerprint = fingerprint(k for k, _ in rows)
+
+    eval_rows: list = []
+    if eval_specs:
+        eval_seen: set = set()
+        eparts = []
+        for spec in eval_specs:
+            rep, rows = loader.load(spec, eval_seen)
+            report.eval_sources.append(rep)
+            eparts.append(rows)
+        _apply_fractions(eparts, report.eval_sources)
+        for rep, rows in zip(report.eval_sources, eparts):
+            rep.fingerprint, rep.rows_eval = fingerprint(k for k, _ in rows), len(rows)
+            eval_rows += rows
+        keys = {k for k, _ in eval_rows}
+        before = sum(map(len, parts))
+        parts = [[kc for kc in p if kc[0] not in keys] for p in parts]
+        report.eval_overlap_removed = before - sum(map(len, parts))
+        report.split = {"rule": f"eval_sources ({len(eval_specs)})", "seed": seed}
+    else:
+        n = sum(map(len, parts))
+        k = validation_size if validation_size is not None else (
+            min(max(1, round(validation_fraction * n)), n - 1) if validation_fraction > 0 and n > 1 else 0)
+        if k and k >= n:
+            raise DataError(f"validation split of {k} rows leaves no training rows ({n} unique rows)")
+        held = set(sorted((_rank(seed, key) for p in parts for key, _ in p))[:k])
+        for i, (rep, p) in enumerate(zip(report.sources, parts)):
+            ev = [kc for kc in p if _rank(seed, kc[0]) in held]
+            rep.rows_eval = len(ev)
+            eval_rows += ev
+            parts[i] = [kc for kc in p if _rank(seed, kc[0]) not in held]
+        report.split = {"rule": f"hash(seed={seed}): {k} of {n} unique rows held out" if k else "none",
+                        "seed": seed, "validation_fraction": validation_fraction, "validation_size": validation_size}
+    report.dropped_examples = loader.examples
+
+    train = []
+    for rep, p in zip(report.sources, parts):
+        w = _weighted(p, rep.weight, seed)
+        rep.rows_train = len(w)
+        train += w
+    train.sort(key=lambda t: _rank(seed, t[0], f"shuffle{t[2]}"))
+    eval_rows.sort(key=lambda kc: _rank(seed, kc[0]))
+    if not train:
+        raise DataError(f"no training rows left ({report.totals()}); see the report's dropped examples: "
+                        f"{[e['message'] for e in report.dropped_examples[:2]]}")
+    report.train_size, report.eval_size = len(train), len(eval_rows)
+    report.train_fingerprint = fingerprint(k for k, _, _ in train)
+    report.eval_fingerprint = fingerprint(k for k, _ in eval_rows) if eval_rows else None
+    train_ds = _dataset([c for _, c, _ in train], report)
+    eval_ds = _dataset([c for _, c in eval_rows], report) if eval_rows else None
+    return LoadedData(train=train_ds, eval=eval_ds, report=report)

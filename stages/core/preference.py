@@ -1,0 +1,108 @@
+"""The preference-optimisation stages (DPO and its loss family, KTO, ORPO) share one flow.
+
+Reference model: starting from an SFT output, a LoRA/DoRA/IA3 SFT adapter is merged on load
+(see policy.py), and a fresh adapter is trained on top; TRL then uses "adapters disabled" as the
+reference, which is exactly the SFT policy, with no second copy of the model in memory. A full
+fine-tuned policy gets TRL's separate frozen reference copy. ORPO needs no reference at all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import stage as S
+
+
+@dataclass(frozen=True)
+class Method:
+    stage: str
+    config: str  # "module:Class"
+    trainer: str
+    task: str  # data-layer task: preference or unpaired
+    pretokenize: bool  # our truncation rule applied before TRL sees the rows
+
+
+METHODS = {
+    "dpo": Method("dpo", "trl:DPOConfig", "trl:DPOTrainer", "preference", True),
+    "kto": Method("kto", "trl:KTOConfig", "trl:KTOTrainer", "unpaired", True),
+    "orpo": Method("orpo", "trl.experimental.orpo:ORPOConfig", "trl.experimental.orpo:ORPOTrainer", "preference", False),
+}
+
+
+def _load(ref: str):
+    import importlib
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _conversational_rows(dataset):
+    """ORPO tokenises itself: give it TRL's conversational preference columns only."""
+    keep = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
+    return dataset.select_columns(keep)
+
+
+def run(method_name: str, argv=None):
+    from .artifacts import StageOutput
+    from .encode import encode_preference
+    from .policy import build_policy, trainable_summary
+
+    method = METHODS[method_name]
+    name = method.stage
+    args = S.parse_stage(_load(method.config), argv)
+    out = StageOutput(args.training.output_dir, name)
+
+    policy = build_policy(args.model, args.policy, args.training)
+    data = S.load_stage_data(args, task=method.task)
+    S.log(name, data.report.summary())
+    fp = S.stage_fingerprint(args, data.report.to_dict())
+    if S.check_existing(out, fp, args.run.force, name):
+        return out.output_dir
+
+    max_len, on_long = args.training.max_length, args.data.on_long
+    splits, lengths = {}, {}
+    for split, rows in (("train", data.train), ("validation", data.eval)):
+        if rows is None or not len(rows):
+            continue
+        encoded, report = encode_preference(rows, policy.tokenizer, max_length=max_len, on_long=on_long,
+                                            source=split, layout="dpo")
+        S.log(name, report.summary(split))
+        splits[split] = encoded if method.pretokenize else _conversational_rows(rows)
+        lengths[split] = report.to_dict()
+    if not method.pretokenize:
+        S.log(name, f"{name}: TRL truncates long rows itself (prompt first, then responses); counts above")
+
+    S.prepare_training(args, out, name)
+    trainer = _load(method.trainer)(
+        model=policy.model, args=args.training, train_dataset=splits["train"], eval_dataset=splits.get("validation"),
+        processing_class=policy.tokenizer, peft_config=policy.peft_config, callbacks=S.callbacks(args))
+    summary = trainable_summary(trainer.model)
+    S.log(name, f"{policy.method}: {summary['trainable_params']:,} trainable of {summary['total_params']:,} "
+                f"parameters ({summary['trainable_pct']:.2f}%); reference: {reference_kind(policy, method_name)}")
+
+    start = S.evaluate_start(trainer, out, name) if "validation" in splits else None
+    resume = out.last_checkpoint()
+    if resume:
+        S.log(name, f"resuming from {resume}")
+    trainer.train(resume_from_checkpoint=resume)
+    final = trainer.evaluate() if "validation" in splits else {}
+    acc = "eval_rewards/accuracies"
+    if start and final and acc in final:
+        S.log(name, f"held-out implicit-reward accuracy: start {start.get('start_rewards/accuracies', 0):.3f} -> "
+                    f"final {final[acc]:.3f}; margin -> {final.get('eval_rewards/margins', float('nan')):.3f}")
+    metrics = {"start": start, "final": final, "lengths": lengths,
+               "reference": reference_kind(policy, method_name)}
+    manifest = S.base_manifest(args, policy, data, fp, summary) | {"metrics": metrics, "method": method_name}
+    return S.save_artifact(trainer, policy, out, manifest, name, args.run.keep_checkpoints)
+
+
+def reference_kind(policy, method_name: str) -> str:
+    if method_name == "orpo":
+        return "none (reference-free)"
+    start = f"merged {policy.merged_adapter}" if policy.merged_adapter else policy.source
+    if policy.peft_config is not None:
+        return f"adapters disabled = {start}"
+    if hasattr(policy.model, "peft_config"):
+        return f"frozen copy of the starting adapter ('ref' adapter) on {start}"
+    return f"separate frozen copy of {start}"

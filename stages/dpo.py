@@ -1,0 +1,32 @@
+"""DPO stage (TRL DPOTrainer; loss_type: sigmoid, ipo, hinge, robust, ... from the recipe).
+
+    accelerate launch stages/dpo.py --config recipes/smollm2-135m/dpo.yaml
+    python -m stages.dpo --config ...      rlhf dpo --config ...
+
+The flow (reference model, truncation, metrics, artifact) is shared: see stages/core/preference.py.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `accelerate launch stages/dpo.py` runs this file as a script
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+from stages.core import stage as S  # noqa: E402
+
+
+def main(argv=None):
+    from stages.core.preference import run
+
+    return run("dpo", argv)
+
+
+def cli(argv=None) -> int:
+    return S.run_cli(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,81 @@
+"""Reward-model stage: a scalar head trained on preference pairs with TRL's RewardTrainer.
+
+    accelerate launch stages/rm.py --config recipes/smollm2-135m/rm.yaml
+    python -m stages.rm --config recipes/smollm2-135m/rm.yaml
+    rlhf rm --config recipes/smollm2-135m/rm.yaml
+
+Starts from a base model or an SFT output (a LoRA SFT output is merged first). LoRA uses task type
+SEQ_CLS, so PEFT keeps the score head trainable and saves it with the adapter. Pairs longer than
+max_length are truncated by the suite's rule (never silently dropped, as TRL would).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `accelerate launch stages/rm.py` runs this file as a script
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+from stages.core import stage as S  # noqa: E402
+
+STAGE = "rm"
+
+
+def main(argv=None):
+    from trl import RewardConfig, RewardTrainer
+
+    from stages.core.artifacts import StageOutput
+    from stages.core.encode import encode_preference
+    from stages.core.policy import build_policy, trainable_summary
+
+    args = S.parse_stage(RewardConfig, argv)
+    out = StageOutput(args.training.output_dir, STAGE)
+
+    policy = build_policy(args.model, args.policy, args.training, task="seq_cls", num_labels=1)
+    data = S.load_stage_data(args, task="preference")
+    S.log(STAGE, data.report.summary())
+    fp = S.stage_fingerprint(args, data.report.to_dict())
+    if S.check_existing(out, fp, args.run.force, STAGE):
+        return out.output_dir
+
+    max_len, on_long = args.training.max_length, args.data.on_long
+    train_ds, train_len = encode_preference(data.train, policy.tokenizer, max_length=max_len, on_long=on_long)
+    S.log(STAGE, train_len.summary("train"))
+    eval_ds = eval_len = None
+    if data.eval is not None and len(data.eval):
+        eval_ds, eval_len = encode_preference(data.eval, policy.tokenizer, max_length=max_len, on_long=on_long,
+                                              source="validation")
+        S.log(STAGE, eval_len.summary("validation"))
+
+    S.prepare_training(args, out, STAGE)
+    trainer = RewardTrainer(model=policy.model, args=args.training, train_dataset=train_ds, eval_dataset=eval_ds,
+                            processing_class=policy.tokenizer, peft_config=policy.peft_config,
+                            callbacks=S.callbacks(args))
+    summary = trainable_summary(trainer.model)
+    S.log(STAGE, f"{policy.method}: {summary['trainable_params']:,} trainable of {summary['total_params']:,} "
+                 f"parameters ({summary['trainable_pct']:.2f}%)")
+
+    start = S.evaluate_start(trainer, out, STAGE) if eval_ds is not None else None
+    resume = out.last_checkpoint()
+    if resume:
+        S.log(STAGE, f"resuming from {resume}")
+    trainer.train(resume_from_checkpoint=resume)
+    final = trainer.evaluate() if eval_ds is not None else {}
+    if start and final:
+        S.log(STAGE, f"held-out pair accuracy: start {start['start_accuracy']:.3f} -> final {final['eval_accuracy']:.3f}; "
+                     f"margin {start['start_margin']:.3f} -> {final['eval_margin']:.3f}")
+
+    metrics = {"start": start, "final": final,
+               "lengths": {"train": train_len.to_dict(), "validation": eval_len.to_dict() if eval_len else None}}
+    manifest = S.base_manifest(args, policy, data, fp, summary) | {"metrics": metrics, "task": "reward_model"}
+    return S.save_artifact(trainer, policy, out, manifest, STAGE, args.run.keep_checkpoints)
+
+
+def cli(argv=None) -> int:
+    return S.run_cli(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
