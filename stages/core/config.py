@@ -23,7 +23,9 @@ _METHOD_ALIASES = {"bottleneck": "adapters", "none": "full", "prefix_tuning": "p
 
 
 def _json_or_value(value):
-    """CLI gives strings for dict/list keys: accept JSON there."""
+    """CLI gives strings for dict/list keys: accept JSON there (`--eval_datasets '[]'` clears a list)."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str) and value[0][:1] in "[{":
+        value = value[0]
     if isinstance(value, str) and value[:1] in "[{":
         try:
             return json.loads(value)

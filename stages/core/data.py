@@ -336,8 +336,9 @@ class _Loader:
     def _format(self, spec, rows, cm, label) -> str:
         fmt = spec.get("format") or self.data_format
         cols = sorted({k for r in rows[:100] for k, v in r.items() if v is not None})
+        present = {k for r in rows[:100] for k in r}
         for canon, col in (cm or {}).items():
-            if canon not in ("role", "content") and col not in cols:
+            if canon not in ("role", "content") and col not in present:
                 hint = f" (did you mean {{'{col}': '{canon}'}}? keys are canonical fields)" if canon in cols else ""
                 raise DataError(f"column_mapping maps '{canon}' to column '{col}', which is not in the data; "
                                 f"columns seen: {cols}{hint}", source=label)
@@ -387,7 +388,7 @@ def _dataset(rows: list[dict], report: DataReport):
     if "meta" in optional:
         try:
             ds = datasets.Dataset.from_list(rows)
-            ok = ds["meta"] == [r["meta"] for r in rows]
+            ok = list(ds["meta"]) == [r["meta"] for r in rows]
         except Exception:  # mixed types arrow can't hold in one column
             ok = False
         if ok:

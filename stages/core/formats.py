@@ -311,11 +311,15 @@ def _parse(fmt: str, row: Mapping, rm: dict, keys: dict) -> tuple:
                     last = i == len(msgs) - 1 and m["role"] == "assistant"
                     raise _Bad("empty_response" if last else "empty_content", name,
                                f"{'final Assistant' if last else f'turn {i}'} of the transcript is empty")
-        return ("pair", *_split_pair(chosen, rejected), _margin(row))
+        prompt, chosen, rejected = _split_pair(chosen, rejected)
+        _check_order(prompt, "chosen", end="user")
+        return "pair", prompt, chosen, rejected, _margin(row)
     if fmt == "implicit_preference":
         chosen = _messages(_get(row, "chosen"), "chosen", rm, keys)
         rejected = _messages(_get(row, "rejected"), "rejected", rm, keys)
-        return ("pair", *_split_pair(chosen, rejected), _margin(row))
+        prompt, chosen, rejected = _split_pair(chosen, rejected)
+        _check_order(prompt, "chosen", end="user")
+        return "pair", prompt, chosen, rejected, _margin(row)
     if fmt in ("preference", "sharegpt_preference"):
         col = "prompt" if fmt == "preference" else "conversations"
         prompt = _text_or_messages(_get(row, col), col, "user", rm, keys)

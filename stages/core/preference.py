@@ -23,7 +23,7 @@ class Method:
 
 METHODS = {
     "dpo": Method("dpo", "trl:DPOConfig", "trl:DPOTrainer", "preference", True),
-    "kto": Method("kto", "trl:KTOConfig", "trl:KTOTrainer", "unpaired", True),
+    "kto": Method("kto", "trl:KTOConfig", "trl:KTOTrainer", "unpaired", False),
     "orpo": Method("orpo", "trl.experimental.orpo:ORPOConfig", "trl.experimental.orpo:ORPOTrainer", "preference", False),
 }
 
@@ -38,9 +38,25 @@ def _load(ref: str):
 
 
 def _conversational_rows(dataset):
-    """ORPO tokenises itself: give it TRL's conversational preference columns only."""
-    keep = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
+    """KTO and ORPO tokenise themselves: give them TRL's conversational columns only."""
+    keep = [c for c in ("prompt", "chosen", "rejected", "completion", "label") if c in dataset.column_names]
     return dataset.select_columns(keep)
+
+
+def _trainer_class(method: Method):
+    """DPOTrainer re-tokenises whatever it gets (and drops/cuts long rows); ours arrive tokenised and fitted."""
+    cls = _load(method.trainer)
+    if not method.pretokenize:
+        return cls
+
+    class PreTokenized(cls):
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            if "prompt_ids" in dataset.column_names:
+                return dataset
+            return super()._prepare_dataset(dataset, *args, **kwargs)
+
+    PreTokenized.__name__ = PreTokenized.__qualname__ = cls.__name__
+    return PreTokenized
 
 
 def run(method_name: str, argv=None):
@@ -71,10 +87,10 @@ def run(method_name: str, argv=None):
         splits[split] = encoded if method.pretokenize else _conversational_rows(rows)
         lengths[split] = report.to_dict()
     if not method.pretokenize:
-        S.log(name, f"{name}: TRL truncates long rows itself (prompt first, then responses); counts above")
+        S.log(name, f"{name}: TRL tokenises these rows itself and truncates long ones by its own rule; counts above")
 
     S.prepare_training(args, out, name)
-    trainer = _load(method.trainer)(
+    trainer = _trainer_class(method)(
         model=policy.model, args=args.training, train_dataset=splits["train"], eval_dataset=splits.get("validation"),
         processing_class=policy.tokenizer, peft_config=policy.peft_config, callbacks=S.callbacks(args))
     summary = trainable_summary(trainer.model)

@@ -151,6 +151,8 @@ def evaluate_before(trainer, out: StageOutput, stage: str, *, prefix: str, disab
             metrics = trainer.evaluate(metric_key_prefix=prefix)
     else:
         metrics = trainer.evaluate(metric_key_prefix=prefix)
+    # TRL logs its own metrics under "eval_" whatever the prefix: file them under the prefix asked for
+    metrics = {(prefix + k[4:] if k.startswith("eval_") else k): v for k, v in metrics.items()}
     if runtime.is_main_process():
         artifacts.write_json(cache, metrics)
     return metrics

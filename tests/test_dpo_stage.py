@@ -1,0 +1,100 @@
+"""DPO (and its loss family), KTO and ORPO stages on tiny models."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages import dpo, kto, orpo, sft
+from synthetic import preference_rows, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_DPO = str(ROOT / "recipes/tiny/dpo.yaml")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pairs")
+    return write_jsonl(d / "train.jsonl", preference_rows(64, seed=0)), write_jsonl(d / "held.jsonl", preference_rows(24, seed=1))
+
+
+@pytest.fixture(scope="module")
+def sft_lora(tiny_llama, pairs, tmp_path_factory):
+    """An SFT LoRA output trained on the chosen replies."""
+    d = tmp_path_factory.mktemp("sftdata")
+    rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in preference_rows(32, seed=5)]
+    data = write_jsonl(d / "sft.jsonl", rows)
+    out = d / "sft"
+    sft.main(["--config", str(ROOT / "recipes/tiny/sft.yaml"), "--model_name_or_path", str(tiny_llama),
+              "--output_dir", str(out), "--datasets", data, "--eval_datasets", "[]", "--validation_fraction", "0.2"])
+    return out
+
+
+def run(stage_mod, model, out, data, evals, *extra, config=TINY_DPO):
+    return stage_mod.main(["--config", config, "--model_name_or_path", str(model), "--output_dir", str(out),
+                           "--datasets", data, "--eval_datasets", evals, *extra])
+
+
+def manifest(out):
+    return json.loads((Path(out) / "manifest.json").read_text())
+
+
+def test_dpo_on_sft_lora_uses_the_sft_policy_as_reference_and_learns(sft_lora, tiny_llama, pairs, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from stages.core.policy import load_model
+
+    out = tmp_path / "dpo"
+    run(dpo, sft_lora, out, *pairs)
+    m = manifest(out)
+    assert m["metrics"]["reference"].startswith("adapters disabled = merged")
+    start, final = m["metrics"]["start"], m["metrics"]["final"]
+    # At the start the policy IS the reference: every implicit reward is exactly zero.
+    assert start["start_rewards/chosen"] == 0 and start["start_rewards/rejected"] == 0
+    assert final["eval_rewards/accuracies"] >= 0.7 and final["eval_rewards/margins"] > 0
+    # Adapters off on the DPO output == the SFT policy (merged), not the raw base.
+    sft_model, _, _ = load_model(str(sft_lora))
+    policy = PeftModel.from_pretrained(load_model(str(sft_lora))[0], out).eval()
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
+    with torch.no_grad(), policy.disable_adapter():
+        ref_logits = policy(input_ids=ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(ref_logits, sft_model.eval()(input_ids=ids).logits)
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()(input_ids=ids).logits
+    assert not torch.allclose(ref_logits, base, atol=1e-4)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(sft_lora.resolve())
+
+
+@pytest.mark.parametrize("loss", ["ipo", "hinge", "robust", "sigmoid,sft"])
+def test_every_loss_type_runs(loss, tiny_llama, pairs, tmp_path):
+    extra = ["--loss_type", *loss.split(","), "--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no"]
+    if loss == "robust":
+        extra += ["--label_smoothing", "0.1"]
+    run(dpo, tiny_llama, tmp_path / "dpo", pairs[0], pairs[1], *extra)
+    m = manifest(tmp_path / "dpo")
+    assert m["config"]["training"]["loss_type"] == loss.split(",")
+    losses = [h["loss"] for h in json.loads((tmp_path / "dpo" / "metrics.json").read_text())["log_history"] if "loss" in h]
+    assert losses and all(l == l for l in losses)  # ran, no NaN
+
+
+def test_precomputed_reference_log_probs(tiny_llama, pairs, tmp_path):
+    run(dpo, tiny_llama, tmp_path / "dpo", *pairs, "--precompute_ref_log_probs", "true", "--max_steps", "3")
+    assert manifest(tmp_path / "dpo")["config"]["training"]["precompute_ref_log_probs"] is True
+
+
+def test_kto_runs_on_unpaired_data(tiny_llama, tmp_path):
+    rows = []
+    for r in preference_rows(32, seed=0):
+        rows.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
+        rows.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
+    data = write_jsonl(tmp_path / "kto.jsonl", rows)
+    run(kto, tiny_llama, tmp_path / "kto", data, "[]", "--max_steps", "3", "--validation_fraction", "0.2")
+    m = manifest(tmp_path / "kto")
+    assert m["stage"] == "kto" and m["data"]["task"] == "unpaired"
+
+
+def test_orpo_runs_reference_free(tiny_qwen2, pairs, tmp_path):
+    run(orpo, tiny_qwen2, tmp_path / "orpo", *pairs, "--max_steps", "3")
+    m = manifest(tmp_path / "orpo")
+    assert m["metrics"]["reference"].startswith("none")
