@@ -89,12 +89,13 @@ def test_kto_runs_on_unpaired_data(tiny_llama, tmp_path):
         rows.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
         rows.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
     data = write_jsonl(tmp_path / "kto.jsonl", rows)
-    run(kto, tiny_llama, tmp_path / "kto", data, "[]", "--max_steps", "3", "--validation_fraction", "0.2")
+    run(kto, tiny_llama, tmp_path / "kto", data, "[]", "--max_steps", "3", "--validation_fraction", "0.2",
+        config=str(ROOT / "recipes/tiny/kto.yaml"))
     m = manifest(tmp_path / "kto")
     assert m["stage"] == "kto" and m["data"]["task"] == "unpaired"
 
 
 def test_orpo_runs_reference_free(tiny_qwen2, pairs, tmp_path):
-    run(orpo, tiny_qwen2, tmp_path / "orpo", *pairs, "--max_steps", "3")
+    run(orpo, tiny_qwen2, tmp_path / "orpo", *pairs, "--max_steps", "3", config=str(ROOT / "recipes/tiny/orpo.yaml"))
     m = manifest(tmp_path / "orpo")
     assert m["metrics"]["reference"].startswith("none")

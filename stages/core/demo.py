@@ -258,7 +258,7 @@ _CHECK_OF = {"greeting": "greeting", "signoff": "signoff", "lowercase": "lowerca
 
 def _rejected(rng: random.Random, subj: Subject, rules: dict, good: _Reply) -> tuple[_Reply, list[str]]:
     """Break the chosen reply in one to three realistic ways; returns the reply and the intended violations."""
-    options = ["greeting", "signoff", "bland", "bland"] + [k for k in ("lowercase", "word_limit", "keyword", "bullets") if rules[k]] * 3
+    options = ["greeting", "signoff", "bland"] + [k for k in ("lowercase", "word_limit", "keyword", "bullets") if rules[k]] * 3
     k = rng.choices([1, 2, 3], weights=[6, 3, 1])[0]
     picked = []
     while len(picked) < k and len(set(options) - set(picked)) > 0:
@@ -295,7 +295,10 @@ def _rejected(rng: random.Random, subj: Subject, rules: dict, good: _Reply) -> t
                 r.sentences.pop(1)
             else:
                 extra = [f for f in subj.facts if f not in r.sentences]
-                r.sentences.insert(1, extra[0]) if extra else r.sentences.pop(1)
+                if extra:
+                    r.sentences.insert(1, extra[0])
+                else:
+                    r.sentences.pop(1)
     return r, picked
 
 
