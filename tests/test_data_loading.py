@@ -273,3 +273,12 @@ def test_optional_columns_filled_and_mixed_meta(tmp_path):
     d = load_data([b], task="prompt", validation_fraction=0)
     assert d.report.meta_encoding == "json"
     assert sorted(d.train["meta"]) == ['"text"', '{"k": 1}']
+
+
+def test_no_training_rows_left_explains_why(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", sft_rows(3))
+    with pytest.raises(DataError, match="no training rows left: 3 read, 0 invalid, 0 duplicates, 3 identical to eval"):
+        load_data([a], task="sft", eval_sources=[a])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"messages": [U("q")]}])
+    with pytest.raises(DataError, match="1 invalid.*e.g. .*b.jsonl: row 0: field 'messages'"):
+        load_data([b], task="sft", on_invalid="drop")

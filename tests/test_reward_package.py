@@ -45,6 +45,16 @@ def full_rm(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def gpt2_rm(tmp_path_factory):
+    """Absolute position embeddings: left padding breaks scores unless position ids skip the pads."""
+    model, tok = _seq_cls("gpt2")
+    out = tmp_path_factory.mktemp("rm-gpt2")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out, model, tok
+
+
+@pytest.fixture(scope="module")
 def lora_rm(tmp_path_factory, tiny_qwen2):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
@@ -92,10 +102,10 @@ def test_lora_round_trip(lora_rm):
     assert load_reward_model(path).score(PROMPTS, RESPONSES) == pytest.approx(got, abs=1e-6)
 
 
-@pytest.mark.parametrize("which", ["full", "lora"])
+@pytest.mark.parametrize("which", ["full", "gpt2", "lora"])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padding_invariance(which, side, full_rm, lora_rm):
-    rm = load_reward_model((full_rm if which == "full" else lora_rm)[0])
+def test_padding_invariance(which, side, full_rm, gpt2_rm, lora_rm):
+    rm = load_reward_model({"full": full_rm, "gpt2": gpt2_rm, "lora": lora_rm}[which][0])
     rm.tokenizer.padding_side = side
     alone = [rm.score([p], [r], batch_size=1)[0] for p, r in zip(PROMPTS, RESPONSES)]
     mixed = rm.score(LONG_P + PROMPTS + LONG_P, LONG_R + RESPONSES + LONG_R, batch_size=6)
@@ -149,6 +159,19 @@ def test_lora_without_head_fails_loudly(lora_rm, tmp_path):
         load_reward_model(bad)
 
 
+def test_lora_head_that_does_not_land_fails_loudly(lora_rm, monkeypatch):
+    import peft.peft_model as pm
+
+    real = pm.set_peft_model_state_dict
+
+    def drop_head(model, state_dict, *a, **kw):  # simulate a PEFT/transformers key-mapping mismatch
+        return real(model, {k: v for k, v in state_dict.items() if "score" not in k}, *a, **kw)
+
+    monkeypatch.setattr(pm, "set_peft_model_state_dict", drop_head)
+    with pytest.raises(ModelError, match="did not load"):
+        load_reward_model(lora_rm[0])
+
+
 def test_causal_lm_adapter_rejected(lora_rm, tmp_path):
     bad = tmp_path / "rm-lora-clm"
     shutil.copytree(lora_rm[0], bad)
@@ -192,6 +215,15 @@ def test_verifier_accepts_verdict_objects():
     assert VerifierReward(lambda p, r: Verdict(r == "ok")).score(["p", "p"], ["ok", "no"]) == [1.0, 0.0]
 
 
+def test_demo_verifier_reward_on_demo_pairs():
+    demo = pytest.importorskip("stages.core.demo")
+    pairs = demo.preference_pairs(20)
+    f = as_trl_reward_func(build_reward("demo_verifier"))
+    prompts = [p["prompt"] for p in pairs]
+    assert f(prompts=prompts, completions=[p["chosen"] for p in pairs]) == [1.0] * 20
+    assert f(prompts=prompts, completions=[p["rejected"] for p in pairs]) == [0.0] * 20
+
+
 def test_combined_weights():
     a, b = RegexReward("x"), RegexReward("y", reward=1.0, penalty=-1.0)
     comb = CombinedReward([(a, 2.0), (b, 0.5)])
@@ -228,13 +260,13 @@ def test_trl_reward_func_with_reward_model(full_rm):
 def test_build_reward_specs(full_rm, tmp_path):
     r = build_reward([{"regex": "x", "weight": 2.0}, {"format": {"ends_with": "."}, "weight": -1.0}, {"length": {"target_words": 1}}])
     assert isinstance(r, CombinedReward)
-    assert r.score(["p", "p"], ["x.", "y"]) == [1.0, -1.0]
+    assert r.score(["p", "p"], ["x.", "y z"]) == [1.0, -1.0]
     assert isinstance(build_reward(str(full_rm[0])), RewardModel)
     assert isinstance(build_reward({"model": str(full_rm[0]), "batch_size": 2}), RewardModel)
     assert build_reward('{"regex": "a", "weight": 3}').score(["p"], ["a"]) == [3.0]
     spec = tmp_path / "reward.yaml"
-    spec.write_text("- regex: 'a'\n- {verifier: 'os.path:isabs', weight: 2}\n")
-    assert build_reward(str(spec)).score(["/p"], ["a"]) == [3.0]
+    spec.write_text("- regex: 'a'\n- {verifier: 'operator:contains', weight: 2}\n")
+    assert build_reward(str(spec)).score(["pa", "p"], ["a", "a"]) == [3.0, 1.0]
     assert type(build_reward("demo_verifier")).__name__ == "VerifierReward"
     for bad, match in [("no-such-thing", "unknown reward spec"), ([{"regex": "x"}, {"bogus": 1}], r"reward\[1\]"),
                        ([{"regex": "("}], r"reward\[0\]"), ({"regex": "x", "weight": "heavy"}, "weight"),

@@ -481,8 +481,12 @@ def load_data(sources, *, task, eval_sources=None, validation_fraction=0.1, vali
     train.sort(key=lambda t: _rank(seed, t[0], f"shuffle{t[2]}"))
     eval_rows.sort(key=lambda kc: _rank(seed, kc[0]))
     if not train:
-        raise DataError(f"no training rows left ({report.totals()}); see the report's dropped examples: "
-                        f"{[e['message'] for e in report.dropped_examples[:2]]}")
+        src = report.sources
+        raise DataError(f"no training rows left: {sum(s.rows_read for s in src)} read, "
+                        f"{sum(sum(s.dropped_by_reason.values()) for s in src)} invalid, "
+                        f"{sum(s.duplicates_removed for s in src)} duplicates, "
+                        f"{report.eval_overlap_removed} identical to eval rows"
+                        + "".join(f"; e.g. {e['message']}" for e in report.dropped_examples[:2]))
     report.train_size, report.eval_size = len(train), len(eval_rows)
     report.train_fingerprint = fingerprint(k for k, _, _ in train)
     report.eval_fingerprint = fingerprint(k for k, _ in eval_rows) if eval_rows else None

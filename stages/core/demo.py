@@ -77,7 +77,7 @@ CATEGORY_QUESTIONS = {
     "colour": ["Name something that is {k}.", "What does the colour {k} remind you of?"],
     "fruit": ["What colour is {d}?", "What is {d} like?"], "animal": ["What is {d}?", "What does {d} do?"],
     "country": ["What is the capital of {k}?"], "weekday": ["What day comes after {k}?"],
-    "definition": ["What is {d}?", "Define the word {k}.", "What does {k} mean?"],
+    "definition": ["What is {d}?", "Define the word {k}.", "What does the word {k} mean?"],
 }
 BLAND = [
     "That is a good thing to ask about.", "That is a great question, and I am happy to help.",
@@ -371,8 +371,17 @@ def write_all(out_dir) -> dict[str, Path]:
     return paths
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m stages.core.demo OUT_DIR")
-    for name, path in write_all(sys.argv[1]).items():
+def cli(argv: list[str] | None = None) -> int:
+    """`rlhf demo-data OUT_DIR` / `python -m stages.core.demo OUT_DIR`: write every demo set as JSONL."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: python -m stages.core.demo OUT_DIR  (writes " + ", ".join(f"{n}.jsonl" for n in NAMES) + ")",
+              file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    for name, path in write_all(argv[0]).items():
         print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -35,10 +35,6 @@ def _adjust(recipe: dict, explicit: set[str]) -> None:
                     or recipe.get("test_split_size"))
     if has_eval and "eval_strategy" not in explicit:
         recipe["eval_strategy"] = "epoch"
-    if recipe.get("early_stopping_patience"):
-        recipe["load_best_model_at_end"] = True
-        recipe.setdefault("metric_for_best_model", "eval_loss")
-        recipe.setdefault("greater_is_better", False)
     if "save_strategy" not in explicit:
         recipe["save_strategy"] = recipe.get("eval_strategy", "epoch") if has_eval else "epoch"
         if "eval_steps" in recipe and "save_steps" not in explicit:
@@ -54,8 +50,15 @@ def parse_stage(config_cls, argv=None) -> ParsedArgs:
     if not args.training.output_dir or args.training.output_dir == "trainer_output":
         if "output_dir" not in args.explicit:
             raise ConfigError("output_dir: required (where the stage writes its model and manifest)")
-    if args.run.early_stopping_patience and args.training.eval_strategy == "no":
-        raise ConfigError("early_stopping_patience: needs evaluation (eval_strategy steps or epoch and a validation split)")
+    t = args.training
+    if args.run.early_stopping_patience:
+        if str(getattr(t.eval_strategy, "value", t.eval_strategy)) == "no":
+            raise ConfigError("early_stopping_patience: needs evaluation (eval_strategy steps or epoch and a validation split)")
+        if str(getattr(t.save_strategy, "value", t.save_strategy)) != str(getattr(t.eval_strategy, "value", t.eval_strategy)):
+            raise ConfigError("early_stopping_patience: save_strategy must equal eval_strategy to keep the best checkpoint")
+        t.load_best_model_at_end = True
+        if t.metric_for_best_model is None:
+            t.metric_for_best_model, t.greater_is_better = "eval_loss", False
     return args
 
 
@@ -173,6 +176,8 @@ def save_artifact(trainer, policy, out: StageOutput, manifest: dict, stage: str,
     if not trainer.is_world_process_zero():
         return None
     policy.tokenizer.save_pretrained(str(out.staging))
+    # safetensors only: the trainer's pickled training_args.bin is dropped (the manifest holds the config)
+    (out.staging / "training_args.bin").unlink(missing_ok=True)
     acfg = out.staging / "adapter_config.json"
     if acfg.is_file():  # point the adapter at the model it was trained on, as the user named it
         cfg = json.loads(acfg.read_text())
