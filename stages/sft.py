@@ -63,7 +63,7 @@ def main(argv=None):
     trainer.train(resume_from_checkpoint=resume)
     final = trainer.evaluate() if eval_ds is not None else {}
 
-    metrics = {"base": base, "final": final, "best_eval_loss": trainer.state.best_metric,
+    metrics = {"base": base, "final": final, "best_eval_loss": S.best_eval(trainer.state.log_history),
                "lengths": {"train": train_len.to_dict(), "validation": eval_len.to_dict() if eval_len else None}}
     if base and final:
         S.log(STAGE, f"validation loss (response tokens): base {base['base_loss']:.4f} -> final {final['eval_loss']:.4f}")

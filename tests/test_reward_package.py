@@ -164,10 +164,10 @@ def test_lora_head_that_does_not_land_fails_loudly(lora_rm, monkeypatch):
 
     real = pm.set_peft_model_state_dict
 
-    def drop_head(model, state_dict, *a, **kw):  # simulate a PEFT/transformers key-mapping mismatch
-        return real(model, {k: v for k, v in state_dict.items() if "score" not in k}, *a, **kw)
+    def wrong_head(model, state_dict, *a, **kw):  # simulate a PEFT/transformers key-mapping mismatch
+        return real(model, {k: v * 0 if "score" in k else v for k, v in state_dict.items()}, *a, **kw)
 
-    monkeypatch.setattr(pm, "set_peft_model_state_dict", drop_head)
+    monkeypatch.setattr(pm, "set_peft_model_state_dict", wrong_head)
     with pytest.raises(ModelError, match="did not load"):
         load_reward_model(lora_rm[0])
 

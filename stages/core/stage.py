@@ -121,6 +121,9 @@ def prepare_training(args: ParsedArgs, out: StageOutput, stage: str) -> None:
     args.training.output_dir = str(out.checkpoints)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out.logs)
     threads = runtime.configure_threads(args.run.num_threads)
+    from .distributed import setup_distributed
+
+    setup_distributed(args.training)
     dev = "cuda" if runtime.cuda_available() else "cpu"
     prec = "bf16" if args.training.bf16 else "fp16" if args.training.fp16 else "fp32"
     log(stage, f"device {dev}, precision {prec}, {threads} CPU threads, gradient checkpointing "
@@ -148,12 +151,19 @@ def evaluate_before(trainer, out: StageOutput, stage: str, *, prefix: str, disab
     if trainer.eval_dataset is None:
         return None
     log(stage, f"evaluating the {'starting model' if disable_adapter else 'untrained start'} on the validation split")
+    from transformers import EarlyStoppingCallback
+
     model = trainer.model
-    if disable_adapter and hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
-        with model.disable_adapter():
+    stopper = trainer.pop_callback(EarlyStoppingCallback)  # a "before" evaluation is not a training evaluation
+    try:
+        if disable_adapter and hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
+            with model.disable_adapter():
+                metrics = trainer.evaluate(metric_key_prefix=prefix)
+        else:
             metrics = trainer.evaluate(metric_key_prefix=prefix)
-    else:
-        metrics = trainer.evaluate(metric_key_prefix=prefix)
+    finally:
+        if stopper is not None:
+            trainer.add_callback(stopper)
     # TRL logs its own metrics under "eval_" whatever the prefix: file them under the prefix asked for
     metrics = {(prefix + k[4:] if k.startswith("eval_") else k): v for k, v in metrics.items()}
     if runtime.is_main_process():
@@ -192,9 +202,23 @@ def save_artifact(trainer, policy, out: StageOutput, manifest: dict, stage: str,
         plot_curves(history, out.staging / "curves.png", title=f"{stage}: {Path(out.output_dir).name}")
     except Exception as e:  # a plot must never cost the artifact
         log(stage, f"could not draw curves.png: {e}")
+    try:
+        from .modelcard import write_model_card
+
+        write_model_card(out.staging, manifest)
+    except Exception as e:  # a model card must never cost the artifact
+        log(stage, f"could not write the model card: {e}")
     final = out.finalize(manifest, keep_checkpoints=keep_checkpoints)
     log(stage, f"wrote {final}")
     return final
+
+
+def best_eval(history: list[dict], key: str = "eval_loss", lower_is_better: bool = True):
+    """The best value of an evaluation metric over training (None when never evaluated)."""
+    values = [h[key] for h in history if key in h]
+    if not values:
+        return None
+    return min(values) if lower_is_better else max(values)
 
 
 def base_manifest(args: ParsedArgs, policy, data, fp: str, summary: dict) -> dict:
