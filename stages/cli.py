@@ -6,6 +6,8 @@ import sys
 
 # name -> (module, function, one-line help)
 COMMANDS = {
+    "run": ("stages.chain", "cli", "run a chain of stages (no argument: the built-in demo chain)"),
+    "lineage": ("stages.lineage", "main", "print a stage output's lineage back to the base model"),
     "sft": ("stages.sft", "cli", "supervised fine-tuning stage (same flags as stages/sft.py)"),
     "rm": ("stages.rm", "cli", "reward-model stage on preference pairs"),
     "dpo": ("stages.dpo", "cli", "DPO stage (and its loss family: ipo, hinge, robust, ...)"),

@@ -1,0 +1,151 @@
+"""Win-rate statistics: outcomes (1 win, 0.5 tie, 0 loss, from the policy's viewpoint) → rates and intervals.
+
+- win rate counts a tie as half a win; the tie rate is reported separately;
+- 95% Wilson score interval on the win rate (ties as half a win) and a seeded percentile bootstrap;
+- length-controlled win rate (AlpacaEval 2 style): a logistic regression of the outcome on
+  tanh(standardised length difference), read at a length difference of zero.
+Pure numpy; no model code here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+Z95 = 1.959963984540054
+
+
+def _outcomes(outcomes) -> np.ndarray:
+    x = np.asarray(list(outcomes), dtype=float)
+    if x.ndim != 1:
+        raise ValueError("outcomes must be a flat list")
+    if not np.all(np.isin(x, (0.0, 0.5, 1.0))):
+        raise ValueError("outcomes must be 1 (win), 0.5 (tie) or 0 (loss)")
+    return x
+
+
+def wilson_interval(wins: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a proportion; `wins` may be fractional (ties count half). (nan, nan) for n=0."""
+    if n <= 0:
+        return (math.nan, math.nan)
+    p = wins / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def bootstrap_interval(outcomes, *, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean outcome (resampling prompts); deterministic for a seed."""
+    x = _outcomes(outcomes)
+    if len(x) == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return (float(lo), float(hi))
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def logistic_fit(x: np.ndarray, y: np.ndarray, *, l2: float = 1e-3, iters: int = 100) -> np.ndarray:
+    """Newton's method for a logistic regression with soft targets y in [0, 1]; x includes the intercept column.
+
+    A small L2 penalty (not on the intercept) keeps separable data finite.
+    """
+    w = np.zeros(x.shape[1])
+    reg = np.full(x.shape[1], l2)
+    reg[0] = 0.0
+    for _ in range(iters):
+        p = _sigmoid(x @ w)
+        grad = x.T @ (p - y) / len(y) + reg * w
+        hess = (x * (p * (1 - p))[:, None]).T @ x / len(y) + np.diag(reg) + 1e-9 * np.eye(x.shape[1])
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.max(np.abs(step)) < 1e-10:
+            break
+    return w
+
+
+def length_controlled(outcomes, len_policy, len_reference) -> dict:
+    """Win rate predicted at zero length difference; `slope` > 0 means longer answers win more often."""
+    y = _outcomes(outcomes)
+    d = np.asarray(list(len_policy), dtype=float) - np.asarray(list(len_reference), dtype=float)
+    if len(d) != len(y):
+        raise ValueError(f"{len(y)} outcomes but {len(d)} length differences")
+    sd = float(d.std())
+    if len(y) < 2 or sd == 0.0:  # no length variation to control for
+        return {"win_rate": float(y.mean()) if len(y) else math.nan, "slope": 0.0, "intercept": math.nan}
+    x = np.stack([np.ones_like(d), np.tanh(d / sd)], axis=1)
+    b0, b1 = logistic_fit(x, y)
+    return {"win_rate": float(_sigmoid(b0)), "slope": float(b1), "intercept": float(b0)}
+
+
+@dataclass
+class WinRate:
+    n: int
+    wins: int
+    ties: int
+    losses: int
+    win_rate: float  # (wins + ties / 2) / n
+    tie_rate: float
+    loss_rate: float
+    wilson: tuple
+    bootstrap: tuple
+    lc_win_rate: float | None
+    length_slope: float | None
+    mean_len_policy: float | None
+    mean_len_reference: float | None
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    def headline(self) -> str:
+        lo, hi = self.wilson
+        s = (f"win rate {self.win_rate:.3f} (95% CI {lo:.3f}-{hi:.3f}) over {self.n} prompts: {self.wins} wins, "
+             f"{self.ties} ties ({self.tie_rate:.1%}), {self.losses} losses")
+        if self.lc_win_rate is not None:
+            s += f"; length-controlled {self.lc_win_rate:.3f}"
+        return s
+
+
+def summarize(outcomes, len_policy=None, len_reference=None, *, n_boot: int = 2000, seed: int = 0) -> WinRate:
+    """All statistics for one comparison (lengths optional: without them no length control)."""
+    x = _outcomes(outcomes)
+    n = len(x)
+    wins, ties = int((x == 1).sum()), int((x == 0.5).sum())
+    losses = n - wins - ties
+    rate = float(x.mean()) if n else math.nan
+    lc = slope = mp = mr = None
+    if len_policy is not None and len_reference is not None:
+        lp, lr = list(len_policy), list(len_reference)
+        mp, mr = (float(np.mean(lp)), float(np.mean(lr))) if n else (None, None)
+        if n:
+            fit = length_controlled(x, lp, lr)
+            lc, slope = fit["win_rate"], fit["slope"]
+    return WinRate(n=n, wins=wins, ties=ties, losses=losses, win_rate=rate, tie_rate=ties / n if n else math.nan,
+                   loss_rate=losses / n if n else math.nan, wilson=wilson_interval(wins + 0.5 * ties, n),
+                   bootstrap=bootstrap_interval(x, n_boot=n_boot, seed=seed), lc_win_rate=lc, length_slope=slope,
+                   mean_len_policy=mp, mean_len_reference=mr)
+
+
+def per_prompt_table(prompts, policy, reference, outcomes, *, scores_policy=None, scores_reference=None,
+                     len_policy=None, len_reference=None, extra=None) -> list[dict]:
+    """One row per prompt: texts, outcome, judge scores and lengths where known."""
+    from .rules import prompt_text, response_text
+
+    rows = []
+    for i, (p, a, b, o) in enumerate(zip(prompts, policy, reference, outcomes)):
+        row = {"index": i, "prompt": prompt_text(p), "policy": response_text(a), "reference": response_text(b),
+               "outcome": float(o), "result": {1.0: "win", 0.5: "tie", 0.0: "loss"}[float(o)]}
+        for key, seq in (("score_policy", scores_policy), ("score_reference", scores_reference),
+                         ("len_policy", len_policy), ("len_reference", len_reference)):
+            if seq is not None:
+                row[key] = seq[i]
+        for key, seq in (extra or {}).items():
+            row[key] = seq[i]
+        rows.append(row)
+    return rows

@@ -1,0 +1,225 @@
+"""`rlhf run CHAIN.yaml`: run stages in order, each reading earlier stages' outputs.
+
+A chain recipe:
+
+    run_dir: runs/smollm2-135m-demo
+    launch_config: null            # accelerate config for every training stage (e.g. launch/accelerate/zero3.yaml)
+    stages:
+      sft: {stage: sft, recipe: sft.yaml}
+      rm:  {stage: rm,  recipe: rm.yaml,  with: {model_name_or_path: {from: sft}}}
+      dpo: {stage: dpo, recipe: dpo.yaml, with: {model_name_or_path: {from: sft}}}
+      eval: {stage: evaluate, with: {policy: {from: dpo}, reference: {from: sft}, judge: {from: rm}}}
+
+Every stage writes to RUN_DIR/NAME. Before a stage starts its inputs are checked (complete, same chat
+template). A stage whose output is complete and whose recipe, overrides and inputs are unchanged is
+skipped; a change re-runs it and, through the input fingerprints, everything after it. An interrupted
+stage resumes from its last checkpoint (the stage scripts do that themselves).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .core import artifacts
+from .core.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINING_STAGES = {"sft", "rm", "dpo", "kto", "orpo", "ppo", "grpo", "rloo"}
+EVAL_STAGES = {"evaluate"}
+STAGE_KEYS = {"stage", "recipe", "with"}
+STATE = "chain_state.json"
+
+
+def load_chain(path: str | Path) -> dict:
+    """Read and validate a chain recipe; every error names the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"chain recipe not found: {path}")
+    try:
+        chain = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    unknown = set(chain) - {"run_dir", "launch_config", "stages", "description", "num_processes"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown key '{sorted(unknown)[0]}' (expected run_dir, launch_config, stages)")
+    stages = chain.get("stages")
+    if not isinstance(stages, dict) or not stages:
+        raise ConfigError(f"{path}: stages: a mapping of stage names to {{stage, recipe, with}}")
+    seen: list[str] = []
+    for name, spec in stages.items():
+        where = f"{path}: stages.{name}"
+        if not isinstance(spec, dict) or "stage" not in spec:
+            raise ConfigError(f"{where}: needs 'stage' (one of {', '.join(sorted(TRAINING_STAGES | EVAL_STAGES))})")
+        if set(spec) - STAGE_KEYS:
+            raise ConfigError(f"{where}: unknown key '{sorted(set(spec) - STAGE_KEYS)[0]}' (expected stage, recipe, with)")
+        if spec["stage"] not in TRAINING_STAGES | EVAL_STAGES:
+            raise ConfigError(f"{where}.stage: unknown stage '{spec['stage']}'")
+        if spec["stage"] in TRAINING_STAGES and not spec.get("recipe"):
+            raise ConfigError(f"{where}.recipe: a training stage needs a stage recipe")
+        if spec.get("recipe"):
+            spec["recipe"] = str((path.parent / spec["recipe"]).resolve())
+            if not Path(spec["recipe"]).is_file():
+                raise ConfigError(f"{where}.recipe: not found: {spec['recipe']}")
+        for key, value in (spec.get("with") or {}).items():
+            if isinstance(value, dict) and "from" in value and value["from"] not in seen:
+                raise ConfigError(f"{where}.with.{key}: 'from: {value['from']}' must name an earlier stage ({', '.join(seen) or 'none'})")
+        seen.append(name)
+    chain["path"] = str(path.resolve())
+    chain.setdefault("run_dir", f"runs/{path.stem}")
+    return chain
+
+
+def resolve(value, run_dir: Path):
+    """Replace {from: NAME} references by the earlier stage's output directory."""
+    if isinstance(value, dict) and set(value) == {"from"}:
+        return str(run_dir / value["from"])
+    return value
+
+
+def chat_template_of(path: Path) -> str | None:
+    f = path / "chat_template.jinja"
+    if f.is_file():
+        return f.read_text()
+    cfg = path / "tokenizer_config.json"
+    return json.loads(cfg.read_text()).get("chat_template") if cfg.is_file() else None
+
+
+def check_inputs(name: str, spec: dict, run_dir: Path) -> list[Path]:
+    """Inputs from earlier stages must be complete and share one chat template."""
+    inputs = []
+    for key, value in (spec.get("with") or {}).items():
+        if isinstance(value, dict) and "from" in value:
+            p = run_dir / value["from"]
+            if not artifacts.is_complete(p):
+                raise ConfigError(f"stage '{name}': input {key} = {p} is not a complete stage output; run '{value['from']}' first")
+            inputs.append(p)
+    templates = {str(p): chat_template_of(p) for p in inputs}
+    distinct = {t for t in templates.values() if t is not None}
+    if len(distinct) > 1:
+        raise ConfigError(f"stage '{name}': inputs use different chat templates ({', '.join(templates)}); "
+                          "a chain must keep one template from SFT on")
+    return inputs
+
+
+def stage_key(spec: dict, inputs: list[Path]) -> str:
+    """What a finished stage depends on: its recipe text, overrides and the fingerprints of its inputs."""
+    recipe = Path(spec["recipe"]).read_text() if spec.get("recipe") else ""
+    ups = [(artifacts.read_manifest(p) or {}).get("fingerprint") for p in inputs]
+    return artifacts.fingerprint({"stage": spec["stage"], "recipe": recipe, "with": spec.get("with"), "inputs": ups})
+
+
+def command_for(name: str, spec: dict, chain: dict, run_dir: Path) -> list[str]:
+    out = run_dir / name
+    overrides = {k: resolve(v, run_dir) for k, v in (spec.get("with") or {}).items()}
+    flags = []
+    for k, v in overrides.items():
+        flags.append(f"--{k}")
+        flags.extend(v if isinstance(v, list) and all(isinstance(x, str) for x in v) else
+                     [json.dumps(v) if isinstance(v, (dict, list)) else str(v)])
+    if spec["stage"] in EVAL_STAGES:
+        return [sys.executable, "-m", f"stages.{spec['stage']}", "--out", str(out), *flags]
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    if chain.get("launch_config"):
+        launch += ["--config_file", str((Path(chain["path"]).parent / chain["launch_config"]).resolve())
+                   if not Path(chain["launch_config"]).is_absolute() else chain["launch_config"]]
+    else:
+        launch += ["--num_processes", str(chain.get("num_processes", 1)), "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no"]
+    script = ROOT / "stages" / f"{spec['stage']}.py"
+    return [*launch, str(script), "--config", spec["recipe"], "--output_dir", str(out), "--force", "true", *flags]
+
+
+def run_chain(path: str | Path, *, dry_run: bool = False, only: list[str] | None = None) -> dict:
+    """Run (or skip) every stage in order. Returns {stage: "skipped"|"ran"}."""
+    chain = load_chain(path)
+    run_dir = Path(chain["run_dir"])
+    if not run_dir.is_absolute():
+        run_dir = (Path.cwd() / run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state_path = run_dir / STATE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    results = {}
+    names = list(chain["stages"])
+    for i, name in enumerate(names, 1):
+        spec = chain["stages"][name]
+        if only and name not in only:
+            continue
+        inputs = check_inputs(name, spec, run_dir)
+        key = stage_key(spec, inputs)
+        out = run_dir / name
+        done = artifacts.is_complete(out) if spec["stage"] in TRAINING_STAGES else (out / "report.json").is_file()
+        if done and state.get(name) == key:
+            print(f"[chain {i}/{len(names)}] {name}: complete and unchanged, skipped", flush=True)
+            results[name] = "skipped"
+            continue
+        cmd = command_for(name, spec, chain, run_dir)
+        print(f"[chain {i}/{len(names)}] {name}: {shlex.join(cmd)}", flush=True)
+        if dry_run:
+            results[name] = "planned"
+            continue
+        t0 = time.time()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        proc = subprocess.run(cmd, env=env, cwd=os.getcwd())
+        if proc.returncode != 0:
+            raise ConfigError(f"stage '{name}' failed (exit {proc.returncode}); fix the problem and re-run: "
+                              "finished stages are skipped and this one resumes from its last checkpoint")
+        state[name] = key
+        artifacts.write_json(state_path, state)
+        print(f"[chain {i}/{len(names)}] {name}: done in {time.time() - t0:.0f} s", flush=True)
+        results[name] = "ran"
+    return results
+
+
+DEMO_CHAINS = {"dpo": ROOT / "recipes/smollm2-135m/sft-rm-dpo.yaml", "ppo": ROOT / "recipes/smollm2-135m/sft-rm-ppo.yaml"}
+
+
+def cli(argv=None) -> int:
+    """rlhf run [CHAIN.yaml] [--chain dpo|ppo] [--dry-run] [--only NAME ...]"""
+    import argparse
+
+    from .core.errors import UserError
+
+    p = argparse.ArgumentParser(prog="rlhf run", description="Run a chain of stages; no argument runs the built-in demo.")
+    p.add_argument("chain_file", nargs="?", help="chain recipe (default: the built-in SmolLM2 demo chain)")
+    p.add_argument("--chain", choices=sorted(DEMO_CHAINS), default="dpo", help="which demo chain (without CHAIN.yaml)")
+    p.add_argument("--dry-run", action="store_true", help="print what would run")
+    p.add_argument("--only", nargs="+", help="run only these stages (inputs must exist)")
+    a = p.parse_args(argv)
+    path = a.chain_file or DEMO_CHAINS[a.chain]
+    t0 = time.time()
+    try:
+        run_chain(path, dry_run=a.dry_run, only=a.only)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not a.dry_run:
+        print(f"[chain] finished in {(time.time() - t0) / 60:.1f} min", flush=True)
+        summary = summarize(path)
+        if summary:
+            print(summary, flush=True)
+    return 0
+
+
+def summarize(path) -> str | None:
+    """The closing table of a chain: whatever its evaluation stages reported."""
+    chain = load_chain(path)
+    run_dir = Path(chain["run_dir"]).resolve()
+    lines = []
+    for name, spec in chain["stages"].items():
+        m = artifacts.read_manifest(run_dir / name)
+        if spec["stage"] == "rm" and m:
+            fin = (m.get("metrics") or {}).get("final") or {}
+            st = (m.get("metrics") or {}).get("start") or {}
+            if "eval_accuracy" in fin:
+                lines.append(f"reward model held-out accuracy: {st.get('start_accuracy', float('nan')):.3f} -> {fin['eval_accuracy']:.3f}")
+        report = run_dir / name / "summary.md"
+        if spec["stage"] in EVAL_STAGES and report.is_file():
+            lines.append(report.read_text().strip())
+    return "\n".join(lines) if lines else None
