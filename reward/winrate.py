@@ -149,3 +149,43 @@ def per_prompt_table(prompts, policy, reference, outcomes, *, scores_policy=None
             row[key] = seq[i]
         rows.append(row)
     return rows
+
+
+def is_demo_prompts(prompts) -> bool:
+    """True when every prompt is one of the built-in demo prompts (so the demo verifier applies)."""
+    from stages.core import demo
+
+    from .rules import prompt_text
+
+    known = {prompt_text(r["prompt"]) for r in demo.load("prompts")}
+    texts = [prompt_text(p) for p in prompts]
+    return bool(texts) and all(t in known for t in texts)
+
+
+def compare(prompts, policy, reference, judge, *, len_policy=None, len_reference=None, demo: bool = False,
+            n_boot: int = 2000, seed: int = 0) -> dict:
+    """Judge policy (A) against reference (B) on each prompt and compute every statistic.
+
+    Returns {"stats": WinRate, "judgement", "per_prompt", "verifier" (demo prompts: pass rates), "judge_details"}.
+    """
+    from .judges import VerifierJudge, judge_detailed
+
+    prompts, policy, reference = list(prompts), list(policy), list(reference)
+    j = judge_detailed(judge, prompts, policy, reference)
+    stats = summarize(j.outcomes, len_policy, len_reference, n_boot=n_boot, seed=seed)
+    per_item = {k: v for k, v in j.extra.items() if isinstance(v, list) and len(v) == len(prompts)}
+    table = per_prompt_table(prompts, policy, reference, j.outcomes, scores_policy=j.scores_a,
+                             scores_reference=j.scores_b, len_policy=len_policy, len_reference=len_reference,
+                             extra=per_item)
+    details = {k: v for k, v in j.extra.items() if k not in per_item}
+    verifier = None
+    if demo:
+        from stages.core.demo import pass_rate
+
+        verifier = {"policy_pass_rate": pass_rate(prompts, policy), "reference_pass_rate": pass_rate(prompts, reference)}
+        if not isinstance(judge, VerifierJudge):  # the judge's own quality: agreement with the verifier
+            ref = VerifierJudge().judge(prompts, policy, reference)
+            decisive = [(o, r) for o, r in zip(j.outcomes, ref) if r != 0.5]
+            details["agreement_with_verifier"] = (sum(o == r for o, r in decisive) / len(decisive)) if decisive else None
+            details["verifier_decisive_pairs"] = len(decisive)
+    return {"stats": stats, "judgement": j, "per_prompt": table, "verifier": verifier, "judge_details": details}

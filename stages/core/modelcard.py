@@ -1,9 +1,278 @@
-"""Model cards (README.md) generated from a stage's manifest."""
+"""Model cards (README.md) generated from a stage's manifest.
+
+The card states what the output is and how it was made: base model and lineage (parent manifests followed
+back to the base), datasets with row counts and fingerprints, PEFT method and trainable share, key
+hyperparameters, final metrics against the starting point, the reproducing command, package versions and
+git commit, under Hugging Face model-card YAML front matter. Nothing secret is printed: keys that name a
+token, secret, password or API key are skipped and such command-line values are masked.
+"""
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
+# a key that ends in "token" (hub_token, access_token) or names a secret anywhere; metric names such as
+# mean_token_accuracy or num_tokens are not secrets, nor are the tokenizer's special tokens
+SECRET = re.compile(r"token$|secret|password|passwd|api_?key|credential|private_key", re.I)
+NOT_SECRET = {"pad_token", "eos_token", "bos_token", "unk_token", "sep_token", "cls_token", "mask_token"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HYPERPARAMETERS = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+                   "gradient_accumulation_steps", "per_device_eval_batch_size", "max_length", "lr_scheduler_type",
+                   "warmup_steps", "warmup_ratio", "weight_decay", "beta", "loss_type", "loss_weights",
+                   "label_smoothing", "desirable_weight", "undesirable_weight", "center_rewards_coefficient",
+                   "packing", "bf16", "fp16", "seed")
+METHOD_KEYS = {"lora": ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_rslora"),
+               "prefix": ("num_virtual_tokens",), "prompt": ("num_virtual_tokens", "prompt_tuning_init_text"),
+               "ia3": ("ia3_target_modules",), "adapters": ("adapter_size", "adapter_placement", "adapter_non_linearity")}
+METHOD_KEYS["dora"] = METHOD_KEYS["qlora"] = METHOD_KEYS["lora"] + ("qlora_bits",)
+NOISE = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time", "num_tokens", "epoch")
 
-def write_model_card(out_dir: str | Path, manifest: dict) -> Path | None:
-    """Called by save_artifact for every stage output, before the atomic rename."""
+
+def is_secret(key) -> bool:
+    return str(key) not in NOT_SECRET and bool(SECRET.search(str(key)))
+
+
+def scrub(obj):
+    """A copy without any mapping key that names a secret."""
+    if isinstance(obj, dict):
+        return {k: scrub(v) for k, v in obj.items() if not is_secret(k)}
+    if isinstance(obj, list):
+        return [scrub(v) for v in obj]
+    return obj
+
+
+def scrub_command(cmd: str) -> str:
+    """Mask the values of secret-looking flags (`--hub_token X`, `--api-key=X`) and token-like strings."""
+    words, out, mask_next = str(cmd).split(), [], False
+    for w in words:
+        if mask_next:
+            out.append("***")
+            mask_next = False
+            continue
+        flag = w.lstrip("-").split("=", 1)
+        if w.startswith("-") and is_secret(flag[0].replace("-", "_")):
+            out.append(f"{w.split('=', 1)[0]}=***" if len(flag) == 2 else w)
+            mask_next = len(flag) == 1
+            continue
+        out.append(re.sub(r"hf_[A-Za-z0-9]{20,}", "***", w))
+    return " ".join(out)
+
+
+def fmt(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.4f}" if 1e-3 <= abs(v) < 1e5 else f"{v:.4g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(map(str, v))
+    return str(v)
+
+
+def table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(fmt(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
+
+
+def stage_name(manifest: dict) -> str:
+    """The stage: recorded, or inferred from the preference method, the task or the command."""
+    if manifest.get("stage") or manifest.get("method"):
+        return str(manifest.get("stage") or manifest.get("method"))
+    if manifest.get("task") == "reward_model":
+        return "rm"
+    m = re.search(r"stages[/.](\w+)(?:\.py)?\b|\brlhf (\w+)", str(manifest.get("command", "")))
+    return (m.group(1) or m.group(2)) if m else "model"
+
+
+def hub_model_id(name) -> str | None:
+    """A Hub id for front matter (the Hub rejects local paths there); built-in aliases map to their Hub id."""
+    if not name:
+        return None
+    try:
+        from .models import ALIASES
+
+        if str(name) in ALIASES:
+            return ALIASES[str(name)].hub_id
+    except Exception:
+        pass
+    name = str(name)
+    return name if HUB_ID.match(name) and not Path(name).expanduser().exists() else None
+
+
+def lineage(manifest: dict, limit: int = 20) -> list[dict]:
+    """The chain of parent stage outputs, nearest first, ending at the external base model."""
+    chain, parent = [], manifest.get("parent") or {}
+    while parent and len(chain) < limit:
+        path = parent.get("path")
+        pm = None
+        if path and Path(path, "manifest.json").is_file():
+            try:
+                pm = json.loads(Path(path, "manifest.json").read_text())
+            except (OSError, ValueError):
+                pm = None
+        if not pm:
+            chain.append({"path": path, "stage": None})
+            break
+        chain.append({"path": path, "stage": stage_name(pm), "fingerprint": pm.get("fingerprint"),
+                      "peft_method": pm.get("peft_method")})
+        parent = pm.get("parent") or {}
+    return chain
+
+
+def license_of(manifest: dict) -> str | None:
+    if manifest.get("license"):
+        return str(manifest["license"])
+    for group in (manifest.get("config") or {}).values():
+        if isinstance(group, dict) and group.get("license"):
+            return str(group["license"])
     return None
+
+
+def front_matter(manifest: dict, stage: str, library: str) -> list[str]:
+    lines = ["---"]
+    if license_of(manifest):
+        lines.append(f"license: {license_of(manifest)}")
+    base = hub_model_id(manifest.get("base_model"))
+    if base:
+        lines.append(f"base_model: {base}")
+    lines.append(f"library_name: {library}")
+    tags = ["rlhf-suite", stage] + [t for t in (manifest.get("peft_method"),) if t and t != "full"]
+    lines += ["tags:"] + [f"- {t}" for t in dict.fromkeys(tags)]
+    hub_data = [s.get("source", "").split(" [")[0] for s in (manifest.get("data") or {}).get("sources", [])]
+    hub_data = [d for d in hub_data if hub_model_id(d)]
+    if hub_data:
+        lines += ["datasets:"] + [f"- {d}" for d in dict.fromkeys(hub_data)]
+    return lines + ["---", ""]
+
+
+def data_section(data: dict) -> list[str]:
+    if not data:
+        return []
+    rows = []
+    for role, sources in (("train", data.get("sources", [])), ("eval", data.get("eval_sources", []))):
+        for s in sources:
+            dropped = sum((s.get("dropped_by_reason") or {}).values()) + (s.get("duplicates_removed") or 0)
+            rows.append([f"`{s.get('source')}`", role, s.get("format", ""), s.get("rows_read", 0), s.get("rows_kept", 0),
+                         dropped, f"`{str(s.get('fingerprint', ''))[:16]}`"])
+    lines = ["## Data", "", f"Task `{data.get('task')}`: {data.get('train_size', 0)} training rows, "
+             f"{data.get('eval_size', 0)} validation rows (split: {(data.get('split') or {}).get('rule', 'n/a')}).", ""]
+    lines += table(["source", "role", "format", "rows read", "rows kept", "dropped", "fingerprint"], rows)
+    fps = data.get("fingerprints") or {}
+    lines += ["", f"Fingerprints: train `{fps.get('train') or data.get('train_fingerprint')}`, "
+              f"eval `{fps.get('eval') or data.get('eval_fingerprint')}`.", ""]
+    return lines
+
+
+def hyperparameter_section(manifest: dict) -> list[str]:
+    cfg = scrub(manifest.get("config") or {})
+    training, model, policy = cfg.get("training") or {}, cfg.get("model") or {}, cfg.get("policy") or {}
+    rows = [[f"`{k}`", training[k]] for k in HYPERPARAMETERS if training.get(k) not in (None, [], "")]
+    method = manifest.get("peft_method") or policy.get("peft_method")
+    for k in METHOD_KEYS.get(method, ()):
+        v = model.get(k, policy.get(k))
+        if v not in (None, [], ""):
+            rows.append([f"`{k}`", v])
+    rows = [[k, f"{v:g}" if isinstance(v, float) else v] for k, v in rows]
+    if not rows:
+        return []
+    return ["## Training hyperparameters", ""] + table(["key", "value"], rows) + [""]
+
+
+def _numeric(d: dict | None, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in (d or {}).items() if k.startswith(prefix) and isinstance(v, (int, float))
+            and not isinstance(v, bool) and not any(n in k for n in NOISE)}
+
+
+def metrics_section(metrics: dict) -> list[str]:
+    if not metrics:
+        return []
+    final = _numeric(metrics.get("final"), "eval_")
+    before_key = "base" if metrics.get("base") else "start" if metrics.get("start") else None
+    before = _numeric(metrics.get(before_key), f"{before_key}_") if before_key else {}
+    lines = ["## Results", ""]
+    if final:
+        what = {"base": "the starting model with adapters disabled (base)",
+                "start": "the untrained starting point (start)"}.get(before_key, "")
+        lines += [f"Validation metrics at the end of training" + (f", compared with {what}:" if what else ":"), ""]
+        label = before_key or "before"
+        rows = [[f"`{k}`", before[k] if k in before else "", v,
+                 f"{v - before[k]:+.4f}" if k in before else ""] for k, v in sorted(final.items())]
+        lines += table(["metric", label, "final", "change"], rows) + [""]
+    extra = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    extra |= {k: v for k, v in metrics.items() if isinstance(v, str) and k in ("reference",)}
+    if extra:
+        lines += [f"- `{k}`: {fmt(v)}" for k, v in sorted(extra.items())] + [""]
+    for split, rep in sorted((metrics.get("lengths") or {}).items()):
+        if rep:
+            lines.append(f"- lengths ({split}): {rep.get('rows', 0)} rows, {rep.get('over_limit', 0)} over max_length, "
+                         f"{rep.get('prompt_trimmed', 0)} prompts trimmed, {rep.get('response_cut', 0)} responses cut, "
+                         f"{rep.get('dropped', 0)} dropped")
+    return lines + [""] if len(lines) > 2 else []
+
+
+def title_of(out_dir, stage: str) -> str:
+    """The output's directory name (`.sft.work/staging` while save_artifact assembles `sft`)."""
+    if out_dir is None:
+        return stage
+    p = Path(out_dir).resolve()
+    m = re.fullmatch(r"\.(.+)\.work", p.parent.name)
+    if p.name == "staging" and m:
+        return m.group(1)
+    return stage if p.name.startswith(".") else p.name
+
+
+def render(manifest: dict, *, out_dir: Path | None = None, extra: str | None = None) -> str:
+    """The model card text for a manifest."""
+    m = scrub(manifest or {})
+    stage = stage_name(m)
+    is_adapter = out_dir is not None and (Path(out_dir) / "adapter_config.json").is_file()
+    lines = front_matter(m, stage, "peft" if is_adapter else "transformers")
+    lines += [f"# {title_of(out_dir, stage)}", "",
+              f"A `{stage}` stage output of rlhf-suite (fingerprint `{m.get('fingerprint', 'n/a')}`)."]
+    lines += ["", f"- Base model: `{m.get('base_model', 'unknown')}`"]
+    t = m.get("trainable") or {}
+    method = m.get("peft_method") or "unknown"
+    if t:
+        lines.append(f"- Method: `{method}`, {fmt(t.get('trainable_params'))} trainable of {fmt(t.get('total_params'))} "
+                     f"parameters ({t.get('trainable_pct', 0):.4g}%)")
+    else:
+        lines.append(f"- Method: `{method}`")
+    if m.get("merged_adapter"):
+        lines.append(f"- Started from `{m['merged_adapter']}` with its adapter merged into the weights")
+    chain = lineage(m)
+    if chain:
+        lines += ["", "## Lineage", "", "From the base model to this output:", ""]
+        steps = [f"`{c['path']}` (base model)" if not c.get("stage") else
+                 f"`{c['stage']}` ({c.get('peft_method') or '?'}) at `{c['path']}`, fingerprint `{c.get('fingerprint')}`"
+                 for c in reversed(chain)]
+        steps.append(f"`{stage}` ({method}): this output")
+        lines += [f"{i}. {s}" for i, s in enumerate(steps, 1)]
+    lines += [""] + data_section(m.get("data") or {}) + hyperparameter_section(m) + metrics_section(m.get("metrics") or {})
+    if m.get("command") or m.get("recipe_path"):
+        lines += ["## Reproduce", ""]
+        if m.get("recipe_path"):
+            lines += [f"Recipe: `{m['recipe_path']}`", ""]
+        if m.get("command"):
+            lines += ["```bash", scrub_command(m["command"]), "```", ""]
+    pk = m.get("packages") or {}
+    if pk or m.get("git_commit"):
+        lines += ["## Environment", "", f"rlhf-suite git commit: `{m.get('git_commit') or 'unknown'}`", ""]
+        lines += table(["package", "version"], [[k, str(v)] for k, v in sorted(pk.items()) if v]) + [""]
+    if extra:
+        lines += [extra.rstrip(), ""]
+    elif out_dir is not None:
+        name = title_of(out_dir, stage)
+        lines += ["## Use", "", "```bash", f"rlhf chat {name}                        # talk to it in the terminal",
+                  f"rlhf export {name} --out {name}-export  # a standalone model for transformers / vLLM / TGI",
+                  "```", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_model_card(out_dir: str | Path, manifest: dict, *, extra: str | None = None) -> Path | None:
+    """Write README.md into `out_dir` (called by save_artifact for every stage output, before the atomic rename)."""
+    out = Path(out_dir)
+    path = out / "README.md"
+    path.write_text(render(manifest, out_dir=out, extra=extra), encoding="utf-8")
+    return path
