@@ -165,8 +165,10 @@ class PairwiseLLMJudge(PairwiseJudgeBase):
         ids = set()
         for variant in (letter, " " + letter):
             toks = self.tokenizer(variant, add_special_tokens=False)["input_ids"]
-            if toks:
+            if len(toks) == 1:  # only whole-letter tokens ("A", "ĠA"), never a bare space
                 ids.add(toks[0])
+        if not ids:
+            raise ConfigError(f"llm judge: the tokenizer has no single token for {letter!r}")
         return sorted(ids)
 
     def _encode(self, text: str) -> list[int]:

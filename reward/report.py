@@ -44,7 +44,7 @@ def _fmt(x, digits: int = 3) -> str:
 def _cell(text, limit: int = 120) -> str:
     s = " ".join(str(text).split())
     s = s if len(s) <= limit else s[: limit - 1] + "…"
-    return s.replace("|", "\\|")
+    return s.replace("|", "\\|").replace("`", "\\`")
 
 
 def to_markdown(report: dict, *, max_rows: int = 50) -> str:
@@ -108,7 +108,7 @@ def plot(report: dict, path) -> Path:
     left = 0.0
     for key, colour, label in (("wins", "#2e7d32", "win"), ("ties", "#9e9e9e", "tie"), ("losses", "#c62828", "loss")):
         frac = st[key] / st["n"] if st["n"] else 0.0
-        ax1.barh([0], [frac], left=left, color=colour, label=f"{label} {frac:.0%}")
+        ax1.barh([0], [frac], height=0.5, left=left, color=colour, label=f"{label} {frac:.0%}")
         left += frac
     lo, hi = st["wilson"]
     ax1.errorbar([st["win_rate"]], [0.55], xerr=[[st["win_rate"] - lo], [hi - st["win_rate"]]], fmt="o", color="k",

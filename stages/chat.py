@@ -195,6 +195,7 @@ def main(argv=None) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # keep the terminal (and a script's stdout) for the conversation
+    hf_logging.disable_progress_bar()
     model, tokenizer, kind = load_chat_model(args.run, args.device)
     if args.seed is not None:
         from transformers import set_seed

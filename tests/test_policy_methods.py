@@ -123,3 +123,19 @@ def test_lora_output_is_merged_when_the_next_stage_loads_it(tiny_llama, tmp_path
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     with torch.no_grad():
         assert not torch.allclose(base(input_ids=batch).logits, got, atol=1e-4)
+
+
+def test_sft_lora_output_merges_under_a_reward_model_head(tiny_llama, tmp_path):
+    """A reward model can start from a causal-LM SFT LoRA output: the adapter merges into the SEQ_CLS body."""
+    from stages.core.policy import load_model
+
+    policy, trainer, ds = train_policy(tiny_llama, "lora", tmp_path)
+    trainer.train()
+    out = tmp_path / "sft"
+    trainer.model.save_pretrained(out)
+    policy.tokenizer.save_pretrained(out)
+    lm, _, _ = load_model(str(out))
+    rm, _, merged = load_model(str(out), task="seq_cls")
+    assert merged == str(out.resolve()) and type(rm).__name__.endswith("ForSequenceClassification")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(rm.state_dict()[name], lm.state_dict()[name])

@@ -10,6 +10,9 @@ the libraries leave, so the same stage runs on one CPU, N CPU processes, or N GP
   micro_batch_per_gpu * gradient_acc_step * world_size" assertion fires: join it to gloo first.
 - ZeRO-3 saves only what `stage3_gather_16bit_weights_on_model_save` gathers: without it a saved
   model or LoRA adapter is empty, so it is switched on (and said so) whatever the JSON says.
+- Trainer.evaluate() before train() fails under DeepSpeed (ZeRO-1/2 refuse; ZeRO-3 builds an
+  inference engine and training then crashes in backward): `when_engine_built` runs such an
+  evaluation at the start of training instead, once the engine exists.
 - QLoRA under ZeRO-3 partitions the 4-bit weights only when they are stored in the compute dtype:
   `quant_storage_dtype()` gives the `bnb_4bit_quant_storage` to use.
 """
@@ -27,6 +30,9 @@ def extensions_dir() -> str:
 
         os.environ["TORCH_EXTENSIONS_DIR"] = str(cache_dir() / "torch_extensions")
     return os.environ["TORCH_EXTENSIONS_DIR"]
+
+
+extensions_dir()  # at import: ZeRO-3 model loading (zero.Init) may build ops before setup_distributed runs
 
 
 def world_size() -> int:
@@ -100,3 +106,33 @@ def setup_distributed(training_args) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"[distributed] ZeRO-3: {GATHER_ON_SAVE} switched on, or the saved model/adapter would be empty",
                   flush=True)
+
+
+def when_engine_built(evaluate_before):
+    """Wrap stage.evaluate_before(trainer, ...): under DeepSpeed, before train() has built the engine,
+    run it at on_train_begin instead and return its metrics dict, filled in place by then (the stages
+    read these metrics only after training). Everywhere else it runs at once, unchanged."""
+    import functools
+
+    @functools.wraps(evaluate_before)
+    def wrapper(trainer, *args, **kwargs):
+        if not (getattr(trainer, "is_deepspeed_enabled", False) and getattr(trainer, "deepspeed", None) is None):
+            return evaluate_before(trainer, *args, **kwargs)
+        if trainer.eval_dataset is None:
+            return None
+        from transformers import TrainerCallback
+
+        metrics: dict = {}
+
+        class _AtTrainBegin(TrainerCallback):  # stays registered (the handler is iterating); runs once
+            done = False
+
+            def on_train_begin(self, args_, state, control, **kw):
+                if not self.done:
+                    self.done = True
+                    metrics.update(evaluate_before(trainer, *args, **kwargs) or {})
+
+        trainer.add_callback(_AtTrainBegin())
+        return metrics
+
+    return wrapper

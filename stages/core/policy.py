@@ -93,7 +93,12 @@ def load_model(name_or_path: str, *, task: str = "causal_lm", num_labels: int = 
     base, origin, _ = load_model(base_name, task=task, num_labels=num_labels, dtype=dtype,
                                  trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
     _match_vocab(base, name_or_path)
-    merged = PeftModel.from_pretrained(base, name_or_path).merge_and_unload()
+    from peft import PeftConfig
+
+    pcfg = PeftConfig.from_pretrained(name_or_path)
+    if pcfg.task_type and pcfg.task_type != TASK_TYPES[task]:  # e.g. an SFT (causal-LM) LoRA under a reward model
+        pcfg.task_type = None
+    merged = PeftModel.from_pretrained(base, name_or_path, config=pcfg).merge_and_unload()
     if quantization is not None:  # quantize the merged weights: never merge into 4-bit weights
         cache = models.cache_dir() / "merged" / _dir_fingerprint(name_or_path)
         if not (cache / "config.json").is_file():

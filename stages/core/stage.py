@@ -10,7 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from . import artifacts, runtime
+from . import artifacts, distributed, runtime  # distributed: see evaluate_before below
 from .artifacts import StageOutput
 from .config import DataArguments, ParsedArgs, PolicyArguments, RunArguments, parse_args, to_plain
 from .errors import ConfigError, UserError
@@ -169,6 +169,9 @@ def evaluate_before(trainer, out: StageOutput, stage: str, *, prefix: str, disab
     if runtime.is_main_process():
         artifacts.write_json(cache, metrics)
     return metrics
+
+
+evaluate_before = distributed.when_engine_built(evaluate_before)  # DeepSpeed builds its engine in train(): distributed.py
 
 
 def evaluate_base(trainer, out: StageOutput, stage: str) -> dict | None:
