@@ -63,10 +63,10 @@ def generate(model, query, query_mask, *, eos: list[int], pad_id: int, max_new_t
     """Sampled (or greedy) continuations with the KV cache, stopping per row at EOS; returns (B, R) tokens."""
     from transformers import GenerationConfig
 
-    kw = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None) if do_sample else dict(do_sample=False)
+    # every sampling knob is set explicitly (top_k 0 = off): never inherit the model's generation_config defaults
+    kw = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else dict(temperature=1.0, top_p=1.0, top_k=0)
     gc = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad_id, use_cache=True,
-                          bos_token_id=None, **kw)
-    gc.top_k = top_k if do_sample else None  # 0/None = off; never inherit the model's generation_config defaults
+                          do_sample=do_sample, repetition_penalty=1.0, **kw)
     out = model.generate(input_ids=query, attention_mask=query_mask, generation_config=gc)
     return out[:, query.shape[1]:]
 
