@@ -14,6 +14,8 @@ COMMANDS = {
     "kto": ("stages.kto", "cli", "KTO stage on unpaired preference data"),
     "orpo": ("stages.orpo", "cli", "ORPO stage (reference-free)"),
     "score": ("reward.score_cli", "main", "score a JSONL of prompt/response rows with a reward model or rule"),
+    "export": ("stages.export", "cli", "merge a stage output into a standalone safetensors model (transformers/vLLM/TGI)"),
+    "chat": ("stages.chat", "cli", "chat with a stage output or export in the terminal (--prompt for one reply)"),
     "demo-data": ("stages.core.demo", "cli", "write the built-in demo datasets as JSONL files"),
 }
 

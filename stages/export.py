@@ -166,18 +166,20 @@ def save_standalone(model, tokenizer, directory: Path, dtype) -> None:
 
 def export_model(src, dst, *, merge: bool = True, dtype: str = "auto") -> dict:
     """Write the export of stage output `src` into the (empty or new) directory `dst`; returns what was done."""
+    import torch
+
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     task, ptype, torch_dtype = task_of(src), adapter_type(src), resolve_dtype(dtype, src)
     tokenizer = load_tokenizer(src)
     info = {"source": str(src.resolve()), "task": task, "peft_type": ptype, "dtype": str(torch_dtype).split(".")[-1]}
     if ptype is None or (ptype in MERGEABLE and merge):
-        model = load_base(str(src), task, __import__("torch").float32)
+        model = load_base(str(src), task, torch.float32)
         save_standalone(model, tokenizer, dst, torch_dtype)
         return info | {"kind": "merged" if ptype else "full", "note": None}
     # base + adapter: the adapter cannot (or was asked not to) be merged
     base_name = unmergeable_base(src) if ptype not in MERGEABLE else adapter_base(src)
-    base = load_base(base_name, task, __import__("torch").float32)
+    base = load_base(base_name, task, torch.float32)
     save_standalone(base, tokenizer, dst / "base", torch_dtype)
     adir = dst / "adapter"
     adir.mkdir()

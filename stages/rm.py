@@ -30,7 +30,7 @@ def main(argv=None):
     from stages.core.encode import encode_preference
     from stages.core.policy import build_policy, trainable_summary
 
-    args = S.parse_stage(RewardConfig, argv)
+    args = S.parse_stage(RewardConfig, argv, stage=STAGE)
     out = StageOutput(args.training.output_dir, STAGE)
 
     policy = build_policy(args.model, args.policy, args.training, task="seq_cls", num_labels=1)

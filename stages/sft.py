@@ -29,7 +29,7 @@ def main(argv=None):
     from stages.core.policy import build_policy, trainable_summary
     from stages.core.encode import encode_sft
 
-    args = S.parse_stage(SFTConfig, argv)
+    args = S.parse_stage(SFTConfig, argv, stage=STAGE)
     out = StageOutput(args.training.output_dir, STAGE)
 
     policy = build_policy(args.model, args.policy, args.training)

@@ -53,7 +53,7 @@ def test_session_keeps_history_resets_and_drops_old_turns_to_fit(run_dir):
     assert "Be brief." in prompt and "hello" in prompt and "and again" in prompt
     s.reset()
     assert s.history == []
-    s.limit = 40  # a tiny context: the oldest exchange must go, the newest message stays
+    s.limit = 80  # a tiny context: the oldest exchange must go, the newest message stays
     for text in ("one two three four", "five six seven eight", "nine ten eleven twelve"):
         s.send(text)
     assert s.dropped_turns > 0 and s.history[-2]["content"] == "nine ten eleven twelve"

@@ -2,7 +2,6 @@
 import json
 from pathlib import Path
 
-import pytest
 import yaml
 
 from stages.core import modelcard
@@ -115,7 +114,7 @@ def test_a_real_tiny_sft_output_carries_its_card(tiny_llama, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     text = (out / "README.md").read_text()
     meta = front(text)
-    assert "rlhf-suite" in meta["tags"] and "lora" in meta["tags"] and meta["library_name"] == "peft"
+    assert meta["tags"] == ["rlhf-suite", "sft", "lora"] and meta["library_name"] == "peft"
     assert text.splitlines()[text.splitlines().index("---", 1) + 2] == "# sft"  # named after the output, not staging
     base, final = m["metrics"]["base"]["base_loss"], m["metrics"]["final"]["eval_loss"]
     assert f"| `loss` | {base:.4f} | {final:.4f} | {final - base:+.4f} |" in text

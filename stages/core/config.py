@@ -125,6 +125,7 @@ class RunArguments:
     compare_with_base: bool = field(default=True, metadata={"help": "Evaluate the starting model on the same validation split."})
     keep_checkpoints: bool = field(default=False, metadata={"help": "Keep intermediate checkpoints after the stage completes."})
     force: bool = field(default=False, metadata={"help": "Replace a completed output directory whose config differs."})
+    license: str | None = field(default=None, metadata={"help": "License for the model card (e.g. apache-2.0)."})
 
     def __post_init__(self):
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
@@ -148,6 +149,7 @@ class ParsedArgs:
     explicit: set[str]
     config_path: str | None
     recipe: dict
+    command: str = ""
 
     def __getattr__(self, name):
         try:
@@ -178,6 +180,7 @@ def parse_args(groups: dict[str, type], argv: list[str] | None = None, *, adjust
     """
     from trl import TrlParser
 
+    argv_given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = TrlParser(list(groups.values()))
 
@@ -221,7 +224,12 @@ def parse_args(groups: dict[str, type], argv: list[str] | None = None, *, adjust
     *objs, remaining = parsed
     if remaining:
         raise ConfigError(f"unexpected command-line arguments: {' '.join(remaining)}")
-    return ParsedArgs(groups=dict(zip(groups, objs)), explicit=explicit, config_path=config_path, recipe=recipe)
+    import shlex
+
+    original = list(sys.argv[1:] if argv_given is None else argv_given)
+    script = sys.argv[0] if argv_given is None else "rlhf-stage"
+    return ParsedArgs(groups=dict(zip(groups, objs)), explicit=explicit, config_path=config_path, recipe=recipe,
+                      command=shlex.join([script, *original]))
 
 
 def to_plain(obj) -> dict:

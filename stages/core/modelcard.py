@@ -82,6 +82,8 @@ def stage_name(manifest: dict) -> str:
         return str(manifest.get("stage") or manifest.get("method"))
     if manifest.get("task") == "reward_model":
         return "rm"
+    if (manifest.get("data") or {}).get("task") == "sft":
+        return "sft"
     m = re.search(r"stages[/.](\w+)(?:\.py)?\b|\brlhf (\w+)", str(manifest.get("command", "")))
     return (m.group(1) or m.group(2)) if m else "model"
 
@@ -195,7 +197,7 @@ def metrics_section(metrics: dict) -> list[str]:
     if final:
         what = {"base": "the starting model with adapters disabled (base)",
                 "start": "the untrained starting point (start)"}.get(before_key, "")
-        lines += [f"Validation metrics at the end of training" + (f", compared with {what}:" if what else ":"), ""]
+        lines += ["Validation metrics at the end of training" + (f", compared with {what}:" if what else ":"), ""]
         label = before_key or "before"
         rows = [[f"`{k}`", before[k] if k in before else "", v,
                  f"{v - before[k]:+.4f}" if k in before else ""] for k, v in sorted(final.items())]

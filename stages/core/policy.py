@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import models
+from . import distributed, models  # distributed: see load_model below
 from .errors import ConfigError, ModelError
 
 MERGEABLE = {"LORA", "IA3"}
@@ -33,6 +33,7 @@ class Policy:
     source: str  # what was loaded (path or Hub id)
     base_model: str  # the original base model's name (through any merged adapters)
     merged_adapter: str | None = None  # adapter dir merged into the base, if any
+    adapter_base: str | None = None  # what this stage's saved adapter applies to (default: source)
     info: dict = field(default_factory=dict)
 
 
@@ -107,6 +108,9 @@ def load_model(name_or_path: str, *, task: str = "causal_lm", num_labels: int = 
             tmp.replace(cache) if not cache.exists() else None
         merged = cls.from_pretrained(str(cache), quantization_config=quantization, **kwargs)
     return merged, origin, str(Path(name_or_path).resolve())
+
+
+load_model = distributed.whole_when_merging(load_model)  # ZeRO-3: merge into whole weights (distributed.py)
 
 
 def _match_vocab(model, adapter_dir: str) -> None:
@@ -221,16 +225,18 @@ def build_policy(model_args, policy_args, training_args, *, task: str = "causal_
                 f"peft_method: {source} holds a {peft_type} adapter, which cannot be merged; train it further "
                 f"with peft_method: {_method_of(peft_type)} (got {method})")
         method, peft_cfg, merged = _method_of(peft_type), None, None
+        adapter_base = acfg["base_model_name_or_path"]  # the adapter is trained further on the same base
     else:
         model, base_name, merged = load_model(
             source, task=task, num_labels=num_labels, dtype=dtype, quantization=quant, trust_remote_code=trust,
             revision=model_args.model_revision, attn_implementation=model_args.attn_implementation)
         peft_cfg = peft_config_for(method, model_args, policy_args, task=task, model=model)
+        adapter_base = None
     models.sync_model_special_tokens(model, tokenizer)
     if task == "causal_lm" and hasattr(model, "config"):
         model.config.use_cache = False
     return Policy(model=model, tokenizer=tokenizer, method=method, peft_config=peft_cfg, source=source,
-                  base_model=_origin(base_name), merged_adapter=merged)
+                  base_model=_origin(base_name), merged_adapter=merged, adapter_base=adapter_base)
 
 
 def _method_of(peft_type: str) -> str:

@@ -66,7 +66,7 @@ def run(method_name: str, argv=None):
 
     method = METHODS[method_name]
     name = method.stage
-    args = S.parse_stage(_load(method.config), argv)
+    args = S.parse_stage(_load(method.config), argv, stage=name)
     out = StageOutput(args.training.output_dir, name)
 
     policy = build_policy(args.model, args.policy, args.training)

@@ -45,8 +45,10 @@ def _adjust(recipe: dict, explicit: set[str]) -> None:
         recipe["logging_first_step"] = True
 
 
-def parse_stage(config_cls, argv=None) -> ParsedArgs:
+def parse_stage(config_cls, argv=None, *, stage: str | None = None) -> ParsedArgs:
     args = parse_args(groups_for(config_cls), argv, adjust=_adjust)
+    if stage and args.command.startswith("rlhf-stage"):  # called in-process: record the equivalent CLI command
+        args.command = "rlhf " + stage + args.command[len("rlhf-stage"):]
     if not args.training.output_dir or args.training.output_dir == "trainer_output":
         if "output_dir" not in args.explicit:
             raise ConfigError("output_dir: required (where the stage writes its model and manifest)")
@@ -194,7 +196,7 @@ def save_artifact(trainer, policy, out: StageOutput, manifest: dict, stage: str,
     acfg = out.staging / "adapter_config.json"
     if acfg.is_file():  # point the adapter at the model it was trained on, as the user named it
         cfg = json.loads(acfg.read_text())
-        src = policy.source
+        src = policy.adapter_base or policy.source
         cfg["base_model_name_or_path"] = str(Path(src).resolve()) if Path(src).exists() else src
         acfg.write_text(json.dumps(cfg, indent=2))
     history = trainer.state.log_history
@@ -208,7 +210,7 @@ def save_artifact(trainer, policy, out: StageOutput, manifest: dict, stage: str,
     try:
         from .modelcard import write_model_card
 
-        write_model_card(out.staging, manifest)
+        write_model_card(out.staging, dict(manifest, stage=stage))
     except Exception as e:  # a model card must never cost the artifact
         log(stage, f"could not write the model card: {e}")
     final = out.finalize(manifest, keep_checkpoints=keep_checkpoints)
@@ -234,7 +236,7 @@ def base_manifest(args: ParsedArgs, policy, data, fp: str, summary: dict) -> dic
         "trainable": summary,
         "config": {name: to_plain(g) for name, g in args.groups.items()},
         "recipe_path": args.config_path,
-        "command": " ".join(sys.argv),
+        "command": args.command,
         "data": data.report.to_dict(),
         "packages": artifacts.package_versions(),
         "git_commit": artifacts.git_commit(),
