@@ -208,18 +208,34 @@ def cli(argv=None) -> int:
 
 
 def summarize(path) -> str | None:
-    """The closing table of a chain: whatever its evaluation stages reported."""
+    """The closing table of a chain: verifier pass rates per model, reward-model accuracy, win rates."""
     chain = load_chain(path)
     run_dir = Path(chain["run_dir"]).resolve()
+    pass_rates: dict[str, float] = {}
     lines = []
     for name, spec in chain["stages"].items():
-        m = artifacts.read_manifest(run_dir / name)
-        if spec["stage"] == "rm" and m:
-            fin = (m.get("metrics") or {}).get("final") or {}
-            st = (m.get("metrics") or {}).get("start") or {}
+        if spec["stage"] == "rm":
+            met = (artifacts.read_manifest(run_dir / name) or {}).get("metrics") or {}
+            fin, st = met.get("final") or {}, met.get("start") or {}
             if "eval_accuracy" in fin:
-                lines.append(f"reward model held-out accuracy: {st.get('start_accuracy', float('nan')):.3f} -> {fin['eval_accuracy']:.3f}")
-        report = run_dir / name / "summary.md"
-        if spec["stage"] in EVAL_STAGES and report.is_file():
-            lines.append(report.read_text().strip())
-    return "\n".join(lines) if lines else None
+                lines.append(f"| reward model '{name}' held-out pair accuracy | {st.get('start_accuracy', float('nan')):.3f} "
+                             f"untrained -> {fin['eval_accuracy']:.3f} |")
+        if spec["stage"] not in EVAL_STAGES or not (run_dir / name / "report.json").is_file():
+            continue
+        report = json.loads((run_dir / name / "report.json").read_text())
+        w = spec.get("with") or {}
+        label = {k: (w[k]["from"] if isinstance(w.get(k), dict) else f"base ({w.get(k)})") for k in ("policy", "reference")}
+        ver = report.get("verifier") or {}
+        for side in ("reference", "policy"):
+            if ver.get(f"{side}_pass_rate") is not None:
+                pass_rates.setdefault(label[side], ver[f"{side}_pass_rate"])
+        st = report.get("stats") or {}
+        if st:
+            lo, hi = st["wilson"]
+            lines.append(f"| win rate {label['policy']} vs {label['reference']} (judge {report['judge']['name']}) | "
+                         f"{st['win_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}; ties {st['tie_rate']:.3f}, n={st['n']}) |")
+    if not lines and not pass_rates:
+        return None
+    table = ["| result | value |", "|---|---|"]
+    table += [f"| verifier pass rate: {model} | {rate:.3f} |" for model, rate in pass_rates.items()]
+    return "\n".join(table + lines)

@@ -13,6 +13,8 @@ COMMANDS = {
     "dpo": ("stages.dpo", "cli", "DPO stage (and its loss family: ipo, hinge, robust, ...)"),
     "kto": ("stages.kto", "cli", "KTO stage on unpaired preference data"),
     "orpo": ("stages.orpo", "cli", "ORPO stage (reference-free)"),
+    "winrate": ("reward.winrate_cli", "main", "preference win rate of a policy vs a reference, with a report"),
+    "evaluate": ("stages.evaluate", "cli", "win-rate evaluation stage (as winrate, --out required; used by chains)"),
     "score": ("reward.score_cli", "main", "score a JSONL of prompt/response rows with a reward model or rule"),
     "export": ("stages.export", "cli", "merge a stage output into a standalone safetensors model (transformers/vLLM/TGI)"),
     "chat": ("stages.chat", "cli", "chat with a stage output or export in the terminal (--prompt for one reply)"),

@@ -132,8 +132,8 @@ class RunArguments:
             raise ConfigError(f"precision: must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError("num_threads: must be at least 1")
-        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
-            raise ConfigError("early_stopping_patience: must be at least 1")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 0:
+            raise ConfigError("early_stopping_patience: must be 0 (off) or more")
 
 
 def _suggest(word: str, candidates) -> str:
