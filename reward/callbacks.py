@@ -122,6 +122,6 @@ class WinRateCallback(TrainerCallback):
             write_report(self.out_dir / f"step-{state.global_step}", {
                 "policy": f"training model at step {state.global_step}", "reference": str(self.reference or "start"),
                 "judge": {"spec": str(self.judge_spec), "name": self._judge.name}, "prompts": {
-                    "source": str(self.prompts_spec), "count": len(prompts)}, "decoding": asdict(self.decoding),
+                    "source": self.prompts_spec if isinstance(self.prompts_spec, str) else "given list", "count": len(prompts)}, "decoding": asdict(self.decoding),
                 "bootstrap": {"n_boot": self.n_boot, "seed": self.seed}, "stats": st.to_dict(), "length_unit": "tokens",
                 "verifier": res["verifier"], "judge_details": res["judge_details"], "per_prompt": res["per_prompt"]})

@@ -86,7 +86,7 @@ def load_for_generation(path: str, *, device=None, dtype=None):
 
 
 # -- generation ----------------------------------------------------------------------------------------
-def _context_limit(model) -> int | None:
+def context_limit(model) -> int | None:
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         v = getattr(cfg, key, None)
@@ -119,7 +119,7 @@ def generate_responses(model, tokenizer, prompts, decoding: Decoding) -> Generat
     from transformers import GenerationConfig
 
     ids = encode_prompts(tokenizer, prompts)
-    limit, truncated = _context_limit(model), 0
+    limit, truncated = context_limit(model), 0
     if limit is not None:
         keep = max(1, limit - decoding.max_new_tokens)
         truncated = sum(len(x) > keep for x in ids)
@@ -127,9 +127,9 @@ def generate_responses(model, tokenizer, prompts, decoding: Decoding) -> Generat
     stop = _stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     sample = decoding.temperature > 0
+    sampling = {"temperature": decoding.temperature, "top_p": decoding.top_p, "top_k": 0} if sample else {}
     gc = GenerationConfig(max_new_tokens=decoding.max_new_tokens, do_sample=sample, pad_token_id=pad,
-                          eos_token_id=stop, use_cache=True, **({"temperature": decoding.temperature, "top_p": decoding.top_p,
-                                                  "top_k": 0} if sample else {}))
+                          eos_token_id=stop, use_cache=True, **sampling)
     device = next(model.parameters()).device
     order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
     texts, counts = [""] * len(ids), [0] * len(ids)

@@ -47,7 +47,12 @@ def compare_scores(a: list[float], b: list[float], tol: float = 0.0) -> list[flo
     return [1.0 if x > y + tol else 0.0 if y > x + tol else 0.5 for x, y in zip(a, b)]
 
 
-class ScoreJudge:
+class _DetailedJudge:
+    def judge(self, prompts, responses_a, responses_b) -> list[float]:
+        return self.judge_detailed(prompts, responses_a, responses_b).outcomes
+
+
+class ScoreJudge(_DetailedJudge):
     """Any scorer with `.score(prompts, responses)`: the higher score wins, equal scores (within tol) tie."""
 
     def __init__(self, scorer, name: str | None = None, tol: float = 0.0):
@@ -60,9 +65,6 @@ class ScoreJudge:
         a = [float(v) for v in self.scorer.score(list(prompts), list(responses_a))]
         b = [float(v) for v in self.scorer.score(list(prompts), list(responses_b))]
         return Judgement(compare_scores(a, b, self.tol), a, b)
-
-    def judge(self, prompts, responses_a, responses_b) -> list[float]:
-        return self.judge_detailed(prompts, responses_a, responses_b).outcomes
 
 
 class RewardModelJudge(ScoreJudge):
@@ -95,12 +97,9 @@ DEFAULT_TEMPLATE = (
 
 
 def _conversation_text(prompt) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    msgs = list(prompt)
-    if len(msgs) == 1:
-        return prompt_text(msgs)
-    return "\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in msgs)
+    if isinstance(prompt, str) or len(prompt) == 1:
+        return prompt_text(prompt)
+    return "\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in prompt)
 
 
 def position_swap_outcomes(first: list[bool], second: list[bool]) -> list[float]:
@@ -112,7 +111,7 @@ def position_swap_outcomes(first: list[bool], second: list[bool]) -> list[float]
             for f, s in zip(first, second)]
 
 
-class PairwiseJudgeBase:
+class PairwiseJudgeBase(_DetailedJudge):
     """Shared position-swap logic: subclasses give `prefer_a(judging_prompts) -> list[bool]`."""
 
     template = DEFAULT_TEMPLATE
@@ -138,9 +137,6 @@ class PairwiseJudgeBase:
             extra["margin_ab"], extra["margin_ba"] = m1, m2
         return Judgement(outcomes, extra=extra)
 
-    def judge(self, prompts, responses_a, responses_b) -> list[float]:
-        return self.judge_detailed(prompts, responses_a, responses_b).outcomes
-
 
 class PairwiseLLMJudge(PairwiseJudgeBase):
     """A local (instruct) causal LM compares log p("A") with log p("B") as its next token, in both orders."""
@@ -160,6 +156,9 @@ class PairwiseLLMJudge(PairwiseJudgeBase):
         self.name = f"llm:{path or getattr(model, 'name_or_path', type(model).__name__)}"
         self.device = torch.device(device) if device else next(model.parameters()).device
         self.ids_a, self.ids_b = self._letter_ids("A"), self._letter_ids("B")
+        from .generate import context_limit
+
+        self.max_length = (context_limit(model) if hasattr(model, "config") else None) or 10**9
 
     def _letter_ids(self, letter: str) -> list[int]:
         ids = set()
@@ -184,7 +183,7 @@ class PairwiseLLMJudge(PairwiseJudgeBase):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         margins = []
         for s in range(0, len(texts), self.batch_size):
-            batch = [self._encode(t) for t in texts[s:s + self.batch_size]]
+            batch = [self._encode(t)[-self.max_length:] for t in texts[s:s + self.batch_size]]  # keep the question
             width = max(map(len, batch))
             ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch])  # left padding: last column is real
             mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch])
@@ -234,16 +233,22 @@ class OpenAIJudge(PairwiseJudgeBase):
 
 # -- registry ----------------------------------------------------------------------------------------
 _REGISTRY: dict[str, Callable] = {}
+_LAZY: set[str] = set()  # judges that load models: built only when needed (after generation)
 SPEC_HELP = ("verifier | demo_verifier | verifier:module:function | rule:REWARD_SPEC | rm:DIR | llm:DIR | "
              "openai:MODEL[@BASE_URL] | a model directory (reward model or causal LM) | a JSON/YAML rule file")
 
 
-def register_judge(name: str, factory: Callable | None = None):
-    """Register `factory(arg: str | None, **options) -> Judge` under `name` (usable as a decorator)."""
+def register_judge(name: str, factory: Callable | None = None, *, lazy: bool = False):
+    """Register `factory(arg: str | None, **options) -> Judge` under `name` (usable as a decorator).
+
+    lazy=True for judges that load models: a spec is then only checked by name until the judge is needed.
+    """
     def add(f):
         if name in _REGISTRY:
             raise ValueError(f"judge {name!r} is already registered")
         _REGISTRY[name] = f
+        if lazy:
+            _LAZY.add(name)
         return f
     return add(factory) if factory is not None else add
 
@@ -270,8 +275,8 @@ def _openai(arg, **kw):
 register_judge("verifier", _verifier)
 register_judge("demo_verifier", lambda arg, **kw: VerifierJudge(**kw))
 register_judge("rule", lambda arg, **kw: VerifierJudge(build_reward(arg, _where="judge"), name=f"rule:{arg}", **kw))
-register_judge("rm", lambda arg, **kw: RewardModelJudge(arg, **kw))
-register_judge("llm", lambda arg, **kw: PairwiseLLMJudge(path=arg, **kw))
+register_judge("rm", lambda arg, **kw: RewardModelJudge(arg, **kw), lazy=True)
+register_judge("llm", lambda arg, **kw: PairwiseLLMJudge(path=arg, **kw), lazy=True)
 register_judge("openai", _openai)
 
 
@@ -286,26 +291,38 @@ def _kind_of_dir(p: Path) -> str:
     return "rm" if any(a.endswith("ForSequenceClassification") for a in archs) else "llm"
 
 
-def build_judge(spec, **options) -> Judge:
-    """A judge from a spec (see SPEC_HELP), a dict {"type": NAME, "arg": ..., **options}, or a Judge instance."""
-    if isinstance(spec, Judge) or hasattr(spec, "judge_detailed"):
-        return spec
+def _parse_spec(spec) -> tuple[str, str | None, dict]:
     if isinstance(spec, dict):
-        spec = dict(spec)
-        name = spec.pop("type", None)
+        opts = dict(spec)
+        name = opts.pop("type", None)
         if name not in _REGISTRY:
             raise ConfigError(f"judge: unknown type {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
-        return _REGISTRY[name](spec.pop("arg", None), **spec, **options)
+        return name, opts.pop("arg", None), opts
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"judge: unsupported spec {spec!r}; expected {SPEC_HELP}")
     s = spec.strip()
     name, sep, arg = s.partition(":")
-    if name in _REGISTRY and not Path(s).exists():
-        return _REGISTRY[name](arg if sep else None, **options)
     p = Path(s).expanduser()
+    if name in _REGISTRY and not p.exists():
+        return name, (arg if sep else None), {}
     if p.is_dir():
-        kind = _kind_of_dir(p)
-        return _REGISTRY[kind](str(p), **options)
+        return _kind_of_dir(p), str(p), {}
     if (p.is_file() and p.suffix in (".json", ".yaml", ".yml")) or s[:1] in "[{":
-        return _REGISTRY["rule"](s, **options)
+        return "rule", s, {}
     raise ConfigError(f"judge: unknown spec {spec!r}; expected {SPEC_HELP}")
+
+
+def resolve_judge(spec, **options) -> Callable[[], Judge]:
+    """Check a judge spec now and return a thunk giving the judge; model-loading judges load on the first call."""
+    if isinstance(spec, Judge) or hasattr(spec, "judge_detailed"):
+        return lambda: spec
+    name, arg, opts = _parse_spec(spec)
+    if name in _LAZY:
+        return lambda: _REGISTRY[name](arg, **opts, **options)
+    judge = _REGISTRY[name](arg, **opts, **options)  # cheap: build now, so bad rules fail early
+    return lambda: judge
+
+
+def build_judge(spec, **options) -> Judge:
+    """A judge from a spec (see SPEC_HELP), a dict {"type": NAME, "arg": ..., **options}, or a Judge instance."""
+    return resolve_judge(spec, **options)()

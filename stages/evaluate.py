@@ -8,11 +8,13 @@ Both models generate with identical decoding (greedy by default); generations ar
 OUT/generations and reused while the models, prompts and decoding are unchanged. The judge is a reward
 model dir, a verifier/rule, a local LLM (position-swapped) or an OpenAI-compatible endpoint (see
 reward.judges.SPEC_HELP). OUT gets report.json, report.md, winrate.png, per_prompt.jsonl and, last, a
-manifest.json (status complete) whose fingerprint lets a re-run with the same inputs do nothing.
+manifest.json (status complete) whose fingerprint lets a re-run with the same inputs do nothing (--force:
+judge again; the generation cache still applies).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import asdict
@@ -46,6 +48,7 @@ def build_parser(prog: str = "python -m stages.evaluate", out_required: bool = T
     ap.add_argument("--seed", type=int, default=0, help="sampling, prompt order and bootstrap seed")
     ap.add_argument("--n_bootstrap", type=int, default=2000)
     ap.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    ap.add_argument("--force", action="store_true", help="judge again even if OUT holds this exact evaluation")
     return ap
 
 
@@ -75,7 +78,7 @@ def main(argv=None) -> dict:
     """Run the evaluation; returns the report dict (also written to --out)."""
     from reward import report as R
     from reward.generate import Decoding, cached_generate, model_fingerprint
-    from reward.judges import build_judge
+    from reward.judges import resolve_judge
     from reward.winrate import compare, is_demo_prompts
     from stages.core import artifacts
 
@@ -85,6 +88,7 @@ def main(argv=None) -> dict:
     out = Path(args.out).expanduser()
     decoding = Decoding(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                         seed=args.seed, batch_size=args.batch_size)
+    make_judge = resolve_judge(args.judge)  # a bad spec fails now, before any generation
     prompts, prompt_info = load_prompts(args.prompts, seed=args.seed, max_prompts=args.max_prompts)
     S.log(STAGE, f"{len(prompts)} prompts from {args.prompts}")
     fp = artifacts.fingerprint({"policy": model_fingerprint(args.policy), "reference": model_fingerprint(args.reference),
@@ -92,10 +96,8 @@ def main(argv=None) -> dict:
                                 "n": len(prompts), "decoding": asdict(decoding), "n_bootstrap": args.n_bootstrap})
     done = artifacts.read_manifest(out)
     if done and done.get("status") == artifacts.COMPLETE and done.get("fingerprint") == fp \
-            and (out / "report.json").is_file():
+            and (out / "report.json").is_file() and not args.force:
         S.log(STAGE, f"{out} is complete with the same models, judge, prompts and decoding; nothing to do")
-        import json
-
         return json.loads((out / "report.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     (out / artifacts.MANIFEST).unlink(missing_ok=True)  # a crash below must not leave an old "complete" behind
@@ -105,7 +107,11 @@ def main(argv=None) -> dict:
     gens = {label: cached_generate(path, prompts, decoding, cache_dir=cache, label=label, device=args.device,
                                    log=lambda m: S.log(STAGE, m))
             for label, path in (("policy", args.policy), ("reference", args.reference))}
-    judge = build_judge(args.judge)
+    for label, g in gens.items():
+        if g.truncated_prompts:
+            S.log(STAGE, f"{label}: {g.truncated_prompts} prompts longer than the context minus max_new_tokens "
+                         "were trimmed from their start")
+    judge = make_judge()
     S.log(STAGE, f"judging with {judge.name}")
     demo = args.prompts.startswith("demo:prompts") or is_demo_prompts(prompts)
     result = compare(prompts, gens["policy"].responses, gens["reference"].responses, judge,

@@ -114,12 +114,12 @@ def test_a_changed_model_invalidates_only_its_own_generations(lora_policy, promp
 def test_batched_left_padded_generation_matches_one_at_a_time(tiny_llama):
     model, tok = G.load_for_generation(str(tiny_llama))
     assert tok.padding_side == "left" and tok.pad_token_id != tok.eos_token_id
-    prompts = [r["prompt"] for r in demo.load("prompts")[:5]] + ["Hi"]
-    batched = G.generate_responses(model, tok, prompts, G.Decoding(max_new_tokens=10, batch_size=6))
-    single = G.generate_responses(model, tok, prompts, G.Decoding(max_new_tokens=10, batch_size=1))
+    prompts = [r["prompt"] for r in demo.load("prompts")[:3]] + ["Hi"]  # very different lengths: real padding
+    batched = G.generate_responses(model, tok, prompts, G.Decoding(max_new_tokens=8, batch_size=4))
+    single = G.generate_responses(model, tok, prompts, G.Decoding(max_new_tokens=8, batch_size=1))
     assert batched.responses == single.responses and batched.n_tokens == single.n_tokens
-    s1 = G.generate_responses(model, tok, prompts, G.Decoding(max_new_tokens=10, temperature=1.0, seed=3))
-    s2 = G.generate_responses(model, tok, prompts, G.Decoding(max_new_tokens=10, temperature=1.0, seed=3))
+    s1 = G.generate_responses(model, tok, prompts, G.Decoding(max_new_tokens=8, temperature=1.0, seed=3))
+    s2 = G.generate_responses(model, tok, prompts, G.Decoding(max_new_tokens=8, temperature=1.0, seed=3))
     assert s1.responses == s2.responses  # sampling is seeded
     assert G.cache_key(tiny_llama, prompts, G.Decoding()) != G.cache_key(tiny_llama, prompts[:-1], G.Decoding())
 
@@ -161,7 +161,8 @@ def test_rlhf_winrate_user_errors_are_one_line(lora_policy, tmp_path, capsys):
     assert rc == 2 and err.startswith("error:") and "missing.jsonl" in err and "Traceback" not in err
     rc = winrate_cli.main(["--policy", str(lora_policy), "--reference", str(lora_policy), "--judge", "no-such-judge",
                            "--prompts", "demo:prompts", "--out", str(tmp_path / "o")])
-    assert rc == 2 and "judge" in capsys.readouterr().err
+    assert rc == 2 and "judge: unknown spec 'no-such-judge'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before generating anything
 
 
 def test_winrate_callback_runs_during_a_tiny_sft_training(tiny_llama, tmp_path, monkeypatch):
@@ -175,12 +176,33 @@ def test_winrate_callback_runs_during_a_tiny_sft_training(tiny_llama, tmp_path, 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "sft"
     sft.main(["--config", str(root / "recipes/tiny/sft.yaml"), "--model_name_or_path", str(tiny_llama),
-              "--output_dir", str(out)])
+              "--output_dir", str(out), "--max_steps", "3"])
     steps = [h["step"] for h in cb.history]
-    assert steps and steps[:2] == [3, 6]  # every training evaluation (not the "base" one before training)
+    assert steps == [3, 3]  # the step-3 and the final evaluation (not the "base" one before training)
     assert all(0.0 <= h["winrate"] <= 1.0 and h["winrate_ci_low"] <= h["winrate"] <= h["winrate_ci_high"]
                for h in cb.history)
     assert all("winrate_policy_pass_rate" in h for h in cb.history)  # demo prompts: verifier pass rate too
     logged = json.loads((out / "metrics.json").read_text())["log_history"]
     assert [h["step"] for h in logged if "winrate" in h] == steps  # in the stage's saved history
     assert (tmp_path / "wr" / "step-3" / "report.json").is_file()
+
+
+def test_callback_reference_defaults_to_the_starting_policy(tiny_llama):
+    """Without a PEFT adapter the reference is a snapshot at train begin: an unchanged model ties everywhere."""
+    from types import SimpleNamespace
+
+    model, tok = G.load_for_generation(str(tiny_llama))
+    tok.padding_side = "right"  # as in training; the callback switches to left padding and back
+    cb = WinRateCallback([r["prompt"] for r in demo.load("prompts")[:3]], judge="verifier", every=2,
+                         decoding=G.Decoding(max_new_tokens=4), n_boot=100)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=5, epoch=1.0, log_history=[])
+    cb.on_train_begin(None, state, None, model=model, processing_class=tok)
+    assert cb._ref is not None and len(cb._ref.responses) == 3
+    metrics = {"eval_loss": 1.0}
+    cb.on_evaluate(None, state, None, metrics=metrics, model=model, processing_class=tok)
+    assert cb.history == []  # every=2: the first evaluation is skipped
+    cb.on_evaluate(None, state, None, metrics={"base_loss": 2.0}, model=model, processing_class=tok)  # not counted
+    cb.on_evaluate(None, state, None, metrics=metrics, model=model, processing_class=tok)
+    assert [h["winrate"] for h in cb.history] == [0.5] and cb.history[0]["winrate_tie_rate"] == 1.0
+    assert metrics["eval_winrate"] == 0.5 and state.log_history[-1]["step"] == 5
+    assert tok.padding_side == "right"
