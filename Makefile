@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/rlhf sft --config recipes/smollm2-135m/sft.yaml
+	$(VENV)/bin/rlhf run
 
 test: test-fast test-slow
 
