@@ -57,3 +57,32 @@ def test_drop_and_error_policies_count_or_name_the_row():
     assert len(ds) == 1 and rep.dropped == 1 and rep.examples[0]["row"] == 1
     with pytest.raises(DataError, match="validation: row 1: field 'messages'.*over max_length=20"):
         encode_sft(Dataset.from_list(rows), tok, max_length=20, on_long="error", source="validation")
+
+
+def _pairs(prompt_words):
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": "word " * prompt_words + "Say hi"}],
+                               "chosen": [{"role": "assistant", "content": "Hi there!"}],
+                               "rejected": [{"role": "assistant", "content": "Go away."}]}])
+
+
+def test_dpo_layout_keeps_both_responses_and_trims_the_shared_prompt():
+    from stages.core.encode import encode_preference
+
+    tok = build_tokenizer()
+    ds, rep = encode_preference(_pairs(100), tok, max_length=40, layout="dpo")
+    row = ds[0]
+    assert tok.decode(row["chosen_ids"]) == "Hi there!<|im_end|>\n"
+    assert tok.decode(row["rejected_ids"]) == "Go away.<|im_end|>\n"
+    assert len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"])) <= 40
+    assert tok.decode(row["prompt_ids"]).endswith("Say hi<|im_end|>\n<|im_start|>assistant\n")
+    assert rep.over_limit == 1 and rep.prompt_trimmed == 1
+
+
+def test_pair_layout_drop_and_error_name_the_row():
+    from stages.core.encode import encode_preference
+
+    tok = build_tokenizer()
+    ds, rep = encode_preference(_pairs(100), tok, max_length=40, on_long="drop")
+    assert len(ds) == 0 and rep.dropped == 1
+    with pytest.raises(DataError, match="row 0: field 'chosen/rejected'"):
+        encode_preference(_pairs(100), tok, max_length=40, on_long="error")

@@ -27,6 +27,21 @@ class LengthReport:
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
 
+    def keep(self, n_tokens: int, max_length: int | None, on_long: str, *, source: str, row: int, field: str) -> bool:
+        """Count a row; False when `on_long: drop` drops it, DataError when `on_long: error`."""
+        self.rows += 1
+        self.max_tokens_seen = max(self.max_tokens_seen, n_tokens)
+        if max_length is None or n_tokens <= max_length or on_long == "truncate":
+            return True
+        if on_long == "error":
+            raise DataError(f"{n_tokens} tokens, over max_length={max_length} (set on_long: truncate or drop)",
+                            source=source, row=row, field=field)
+        self.over_limit += 1
+        self.dropped += 1
+        if len(self.examples) < 5:
+            self.examples.append({"row": row, "tokens": n_tokens})
+        return False
+
     def summary(self, name: str) -> str:
         return (f"{name}: {self.rows} rows, {self.over_limit} over the length limit "
                 f"({self.prompt_trimmed} prompt-trimmed, {self.response_cut} response-cut, {self.dropped} dropped)")
@@ -82,18 +97,9 @@ def encode_sft(dataset, tokenizer, *, max_length: int | None, loss_on: str = "as
         except ValueError:
             raise DataError("the chat template renders earlier turns differently once later turns are added; "
                             "set a prefix-consistent chat_template", source=source, row=row_idx, field="messages") from None
-        report.rows += 1
-        report.max_tokens_seen = max(report.max_tokens_seen, len(ids))
+        if not report.keep(len(ids), max_length, on_long, source=source, row=row_idx, field="messages"):
+            continue
         if max_length is not None and len(ids) > max_length:
-            if on_long == "error":
-                raise DataError(f"{len(ids)} tokens, over max_length={max_length} (set on_long: truncate or drop)",
-                                source=source, row=row_idx, field="messages")
-            if on_long == "drop":
-                report.over_limit += 1
-                report.dropped += 1
-                if len(report.examples) < 5:
-                    report.examples.append({"row": row_idx, "tokens": len(ids)})
-                continue
             ids, labels = _fit(ids, labels, last_start, max_length, report)
         if all(x == -100 for x in labels):
             report.dropped += 1
@@ -163,19 +169,9 @@ def encode_preference(dataset, tokenizer, *, max_length: int | None, on_long: st
         except ValueError:
             raise DataError("the chat template is not prefix-consistent; set chat_template", source=source,
                             row=row_idx, field="prompt") from None
-        report.rows += 1
         longest = max(len(p[0]) for p in pair)
-        report.max_tokens_seen = max(report.max_tokens_seen, longest)
-        if max_length is not None and longest > max_length:
-            if on_long == "error":
-                raise DataError(f"{longest} tokens, over max_length={max_length} (set on_long: truncate or drop)",
-                                source=source, row=row_idx, field="chosen/rejected")
-            if on_long == "drop":
-                report.over_limit += 1
-                report.dropped += 1
-                if len(report.examples) < 5:
-                    report.examples.append({"row": row_idx, "tokens": longest})
-                continue
+        if not report.keep(longest, max_length, on_long, source=source, row=row_idx, field="/".join(keys)):
+            continue
         if layout == "dpo":
             prompt = pair[0][0][: pair[0][2]]
             responses = [ids[start:] for ids, _, start in pair]
