@@ -43,6 +43,7 @@ def test_sft_writes_a_complete_artifact_with_lineage(trained, tiny_llama):
     assert m["packages"]["trl"] and "git_commit" in m
     assert 0 < m["trainable"]["trainable_pct"] < 100
     assert not (trained.parent / ".sft.work").exists()  # checkpoints removed once complete
+    assert list((trained / "logs").rglob("events.out.tfevents.*"))  # TensorBoard on by default
     # the adapter points at the model it was trained on
     assert json.loads((trained / "adapter_config.json").read_text())["base_model_name_or_path"] == str(Path(tiny_llama).resolve())
 

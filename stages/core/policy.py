@@ -110,7 +110,7 @@ def load_model(name_or_path: str, *, task: str = "causal_lm", num_labels: int = 
     return merged, origin, str(Path(name_or_path).resolve())
 
 
-load_model = distributed.whole_when_merging(load_model)  # ZeRO-3: merge into whole weights (distributed.py)
+load_model = distributed.zero3_loading(load_model)  # ZeRO-3: comm first, adapters merged whole (distributed.py)
 
 
 def _match_vocab(model, adapter_dir: str) -> None:
@@ -267,7 +267,7 @@ def trainable_summary(model) -> dict:
     """Trainable and total parameter counts (4-bit weights counted at their true size)."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
+        n = getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 partitions hold 0 local elements
         if p.__class__.__name__ == "Params4bit":
             n *= 2
         total += n

@@ -173,7 +173,7 @@ def evaluate_before(trainer, out: StageOutput, stage: str, *, prefix: str, disab
     return metrics
 
 
-evaluate_before = distributed.when_engine_built(evaluate_before)  # DeepSpeed builds its engine in train(): distributed.py
+evaluate_before = distributed.at_train_start(evaluate_before)  # DDP/DeepSpeed wrap the model in train(): distributed.py
 
 
 def evaluate_base(trainer, out: StageOutput, stage: str) -> dict | None:

@@ -117,17 +117,3 @@ class PPOConfig(TrainingArguments):
     @property
     def minibatch_size(self) -> int:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
-
-
-def with_reward_fields(config_cls):
-    """A subclass of a TRL config (GRPOConfig, RLOOConfig) that also takes our reward keys."""
-    from dataclasses import make_dataclass
-
-    extra = [(f.name, f.type, field(default=f.default, metadata=f.metadata))
-             for f in RewardFields.__dataclass_fields__.values()]
-
-    def post_init(self):
-        self.reward = parse_reward_spec(self.reward)
-        config_cls.__post_init__(self)
-
-    return make_dataclass(config_cls.__name__, extra, bases=(config_cls,), namespace={"__post_init__": post_init})

@@ -119,8 +119,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 def policy_loss(logp, old_logp, advantages, mask, cliprange: float):
     """Clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-e, 1+e)), r = exp(logp - old_logp).
 
-    Returns (loss, stats) with clipfrac (share of tokens where the clipped term won) and approx_kl
-    (k3 of the new policy against the rollout policy)."""
+    Returns (loss, stats) with clipfrac (share of tokens where the clipped term won) and approx_kl,
+    the k3 estimate of KL(rollout policy || current policy) on the rollout's own samples."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
@@ -128,7 +128,7 @@ def policy_loss(logp, old_logp, advantages, mask, cliprange: float):
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), mask)
-        approx_kl = masked_mean(torch.expm1(-log_ratio) + log_ratio, mask)
+        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
     return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl, "ratio": masked_mean(ratio.detach(), mask)}
 
 

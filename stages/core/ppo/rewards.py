@@ -33,7 +33,8 @@ def rule_parts(spec) -> list[tuple[str, object, float]]:
             entry = {k: v for k, v in entry.items() if k != "weight"}
         name = next((k for k in KINDS if isinstance(entry, dict) and k in entry), None) or (
             entry if isinstance(entry, str) and len(entry) < 40 else f"rule{i}")
-        parts.append((str(name), build_reward(entry, _where=where), float(weight)))
+        name = str(name) if all(n != name for n, _, _ in parts) else f"{name}{i}"  # TRL logs by name
+        parts.append((name, build_reward(entry, _where=where), float(weight)))
     return parts
 
 

@@ -16,12 +16,11 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError
+from . import shared_reward as SR
 
 
 def _backbone(model):
@@ -42,15 +41,6 @@ def new_value_head(hidden: int) -> nn.Linear:
     return head
 
 
-def _head_copy(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    head = nn.Linear(weight.shape[1], 1, bias=bias is not None)
-    with torch.no_grad():
-        head.weight.copy_(weight.float())
-        if bias is not None:
-            head.bias.copy_(bias.float())
-    return head
-
-
 class ActorCritic(nn.Module):
     """Policy + value. `shared`: one PeftModel with "policy"/"value"(/"reward") adapters; else lm and critic are separate."""
 
@@ -61,6 +51,11 @@ class ActorCritic(nn.Module):
             from peft.tuners.tuners_utils import BaseTunerLayer
 
             self._tuners = [m for m in lm.modules() if isinstance(m, BaseTunerLayer)]
+
+    @property
+    def config(self):
+        """The policy's config (accelerate sizes DeepSpeed's "auto" buckets from its hidden size)."""
+        return self.lm.config
 
     # -- roles (PEFT mode) -----------------------------------------------------------------------
     def _state(self):
@@ -132,27 +127,6 @@ class ActorCritic(nn.Module):
         return logits, self.values(input_ids, attention_mask, position_ids, n_response)
 
 
-class SharedRewardModel(nn.Module):
-    """The reward adapter + score head on the shared base, shaped like a sequence-classification model
-    so reward.model.RewardModel scores text with it (same rendering and truncation as the RM stage)."""
-
-    def __init__(self, actor_critic: ActorCritic, head: nn.Linear):
-        super().__init__()
-        self.score = head.requires_grad_(False)
-        self.__dict__["_ac"] = actor_critic  # not a submodule: RewardModel's .eval()/.to() must not touch the policy
-
-    @property
-    def config(self):
-        return self._ac.lm.config
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, **_):
-        with self._ac.use("reward"):
-            h = _backbone(self._ac.lm)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                       use_cache=False).last_hidden_state
-        logits = self.score(h.to(self.score.weight.dtype))
-        return type("Out", (), {"logits": logits[:, -1]})()
-
-
 @dataclass
 class Roles:
     actor_critic: ActorCritic
@@ -168,57 +142,6 @@ class Roles:
         out = self.reference(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              logits_to_keep=n_response + 1, use_cache=False)
         return out.logits[:, :-1]
-
-    @contextlib.contextmanager
-    def reference_generator(self):
-        if self.reference is None:
-            with self.actor_critic.use("reference"):
-                yield self.actor_critic.lm
-        else:
-            yield self.reference
-
-
-# -- reward-model adapters on the shared base ---------------------------------------------------------
-def shareable_reward_adapter(reward_model: str | None, policy) -> dict | None:
-    """The RM's adapter config when it is a LoRA (SEQ_CLS) trained on exactly the policy's starting model."""
-    from ..policy import adapter_config
-
-    if not reward_model or not Path(reward_model).is_dir():
-        return None
-    acfg = adapter_config(reward_model)
-    if not acfg or str(acfg.get("peft_type", "")).upper() != "LORA" or str(acfg.get("task_type", "")).upper() != "SEQ_CLS":
-        return None
-    base = acfg.get("base_model_name_or_path") or ""
-    same = Path(base).exists() and Path(policy.source).exists() and Path(base).resolve() == Path(policy.source).resolve()
-    return acfg if same or base == policy.source else None
-
-
-def _load_adapter_weights(lm, path: str, name: str) -> nn.Linear:
-    """Add the RM's LoRA as adapter `name` on the shared base; return its score head (fails loudly if absent)."""
-    from peft import LoraConfig, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from reward.model import _is_head_key
-
-    f = Path(path) / "adapter_model.safetensors"
-    if not f.is_file():
-        raise ModelError(f"{path}: adapter_config.json but no adapter_model.safetensors")
-    sd = load_file(str(f))
-    head = {k: v for k, v in sd.items() if _is_head_key(k)}
-    weight = next((v for k, v in head.items() if k.endswith("weight")), None)
-    if weight is None or weight.shape[0] != 1:
-        raise ModelError(f"{path}: no reward head weights (score/classifier, 1 output) in the adapter; loading it would "
-                         "leave the head newly initialised. Retrain the reward model with modules_to_save=['score']")
-    bias = next((v for k, v in head.items() if k.endswith("bias")), None)
-    cfg = LoraConfig.from_pretrained(path)
-    cfg.task_type, cfg.modules_to_save, cfg.inference_mode = "CAUSAL_LM", None, False
-    lm.add_adapter(name, cfg)
-    lora = {k: v for k, v in sd.items() if k not in head}
-    result = set_peft_model_state_dict(lm, lora, adapter_name=name)
-    missing = [k for k in result.unexpected_keys]
-    if missing:
-        raise ModelError(f"{path}: {len(missing)} reward adapter weights did not fit the policy's base (e.g. {missing[0]})")
-    return _head_copy(weight, bias)
 
 
 def _set_trainable(ac: ActorCritic, adapters=("policy", "value")) -> None:
@@ -254,16 +177,16 @@ def _build_peft(policy, cfg, device, load_reward) -> Roles:
     if policy.method not in ("lora", "dora", "qlora", "ia3"):
         raise ConfigError(f"peft_method: PPO's one-base mode supports lora, dora, qlora and ia3, not {policy.method}")
     lm = get_peft_model(policy.model, policy.peft_config, adapter_name="policy")
-    rm_cfg = shareable_reward_adapter(cfg.reward_model, policy)
+    rm_cfg = SR.shareable_reward_adapter(cfg.reward_model, policy)
     value = _value_init(cfg, rm_cfg is not None, "a reward model that is a LoRA on the policy's base in PEFT mode "
                                                   "(or peft_method: full)")
     reward_head = None
     if rm_cfg is not None:
-        reward_head = _load_adapter_weights(lm, cfg.reward_model, "reward")
+        reward_head = SR.load_adapter_weights(lm, cfg.reward_model, "reward")
     if value == "reward":
-        head = _load_adapter_weights(lm, cfg.reward_model, "value")
+        head = SR.load_adapter_weights(lm, cfg.reward_model, "value")
     else:
-        lm.add_adapter("value", copy.deepcopy(policy.peft_config))
+        lm.add_adapter("value", _value_adapter_config(policy.peft_config, lm))
         head = new_value_head(_hidden_size(lm))
     ac = ActorCritic(lm, head, shared=True)
     _set_trainable(ac)
@@ -272,8 +195,8 @@ def _build_peft(policy, cfg, device, load_reward) -> Roles:
     if rm_cfg is not None:
         from reward.model import RewardModel
 
-        tok = _reward_tokenizer(cfg.reward_model, policy.tokenizer)
-        reward_model = RewardModel(SharedRewardModel(ac, reward_head), tok, device, batch_size=cfg.reward_batch_size)
+        tok = SR.reward_tokenizer(cfg.reward_model, policy.tokenizer)
+        reward_model = RewardModel(SR.SharedRewardModel(ac, reward_head), tok, device, batch_size=cfg.reward_batch_size)
     elif cfg.reward_model:
         reward_model = load_reward(cfg.reward_model)
     info = {"reward": "adapter on the shared base" if rm_cfg else ("separate model" if cfg.reward_model else "rules only"),
@@ -281,19 +204,24 @@ def _build_peft(policy, cfg, device, load_reward) -> Roles:
     return Roles(ac, reward_model, None, "peft", value, info)
 
 
-def _reward_tokenizer(path: str, fallback):
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        return fallback
-    return tok if tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id else fallback
+def _value_adapter_config(policy_cfg, lm):
+    """The policy's adapter config without the output layer: the value model never runs the LM head
+    (an adapter part that never gets a gradient would also break DDP's reducer)."""
+    cfg = copy.deepcopy(policy_cfg)
+    cfg.modules_to_save = None
+    out = lm.get_output_embeddings()
+    head = next((n.rsplit(".", 1)[-1] for n, m in lm.get_base_model().named_modules() if m is out), "lm_head")
+    targets = cfg.target_modules
+    if isinstance(targets, (list, set, tuple)) and head in targets:
+        cfg.target_modules = [t for t in targets if t != head]
+    return cfg
 
 
 def _build_full(policy, cfg, device, load_reward) -> Roles:
     reward_model = load_reward(cfg.reward_model) if cfg.reward_model else None
-    value = _value_init(cfg, reward_model is not None, "reward_model")
+    # the value model reads the policy's token ids: a reward model with another vocabulary cannot be its start
+    same_vocab = reward_model is not None and reward_model.tokenizer.get_vocab() == policy.tokenizer.get_vocab()
+    value = _value_init(cfg, same_vocab, "a reward_model with the policy's tokenizer")
     lm = policy.model
     reference = copy.deepcopy(lm).requires_grad_(False).eval().to(device)
     if value == "reward":
@@ -302,7 +230,7 @@ def _build_full(policy, cfg, device, load_reward) -> Roles:
         head = reward_model._head
         if head is None:
             raise ModelError(f"{cfg.reward_model}: no score head found to initialise the value model from")
-        head = _head_copy(head.weight.detach().cpu(), None if head.bias is None else head.bias.detach().cpu())
+        head = SR.head_copy(head.weight.detach().cpu(), None if head.bias is None else head.bias.detach().cpu())
     else:
         critic = copy.deepcopy(_backbone(lm))
         head = new_value_head(_hidden_size(lm))

@@ -64,7 +64,7 @@ def generate(model, query, query_mask, *, eos: list[int], pad_id: int, max_new_t
     from transformers import GenerationConfig
 
     # every sampling knob is set explicitly (top_k 0 = off): never inherit the model's generation_config defaults
-    kw = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else dict(temperature=1.0, top_p=1.0, top_k=0)
+    kw = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=None) if do_sample else {}
     gc = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad_id, use_cache=True,
                           do_sample=do_sample, repetition_penalty=1.0, **kw)
     out = model.generate(input_ids=query, attention_mask=query_mask, generation_config=gc)

@@ -1,0 +1,126 @@
+"""PPO stage: InstructGPT-style RLHF with a reward model and/or rule rewards (our own trainer).
+
+    accelerate launch stages/ppo.py --config recipes/smollm2-135m/ppo.yaml
+    python -m stages.ppo --config recipes/smollm2-135m/ppo.yaml
+    rlhf ppo --config recipes/smollm2-135m/ppo.yaml
+
+The policy starts from an SFT output (a LoRA SFT output is merged on load, so adapters-disabled ==
+the SFT policy == the reference). With a PEFT method one frozen base carries the policy, value and
+(when the reward model is a LoRA on the same base) reward adapters; with peft_method: full the four
+roles are separate models. The manifest records held-out mean reward before and after training and
+the final policy's KL to the reference.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `accelerate launch stages/ppo.py` runs this file as a script
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+from stages.core import stage as S  # noqa: E402
+
+STAGE = "ppo"
+
+
+def main(argv=None, callbacks=None):
+    import json
+
+    from transformers import set_seed
+
+    from stages.core import artifacts
+    from stages.core.artifacts import StageOutput
+    from stages.core.errors import ConfigError
+    from stages.core.policy import build_policy, trainable_summary
+    from stages.core.ppo import rewards as RW
+    from stages.core.ppo.artifact import save_ppo_artifact
+    from stages.core.ppo.config import PPOConfig
+    from stages.core.ppo.roles import build_roles
+    from stages.core.ppo.trainer import PPOTrainer, make_accelerator
+
+    args = S.parse_stage(PPOConfig, argv)
+    cfg = args.training
+    out = StageOutput(cfg.output_dir, STAGE)
+    if args.run.early_stopping_patience:
+        raise ConfigError("early_stopping_patience: not supported by PPO (it has no validation loss)")
+    RW._required(cfg)
+
+    data = S.load_stage_data(args, task="prompt")
+    S.log(STAGE, data.report.summary())
+    rm_parent = artifacts.parent_info(cfg.reward_model) if cfg.reward_model else None
+    fp = artifacts.fingerprint({"stage": S.stage_fingerprint(args, data.report.to_dict()),
+                                "reward_model": (rm_parent or {}).get("fingerprint")})
+    if S.check_existing(out, fp, args.run.force, STAGE):
+        return out.output_dir
+
+    S.prepare_training(args, out, STAGE)
+    set_seed(cfg.seed)
+    accelerator = make_accelerator(cfg)
+    ds = getattr(accelerator.state, "deepspeed_plugin", None)
+    if ds is not None and ds.zero_stage == 3 and args.policy.resolve_method(args.model) == "full":
+        raise ConfigError("peft_method: full PPO under DeepSpeed ZeRO-3 is not supported yet (the frozen reference and "
+                          "reward copies are not partitioned); use ZeRO-2, DDP, or a PEFT method (one base, four roles)")
+    policy = build_policy(args.model, args.policy, cfg)
+    roles = build_roles(policy, cfg, device=accelerator.device, load_reward=lambda path: RW.load_separate_reward_model(
+        path, device=accelerator.device, batch_size=cfg.reward_batch_size))
+    reward = RW.combine(cfg, roles.reward_model)
+    eval_prompts = [r["prompt"] for r in data.eval] if data.eval is not None else []
+    if not eval_prompts:
+        S.log(STAGE, "warning: no held-out prompts (eval_datasets or validation_fraction): no before/after reward")
+    summary = trainable_summary(roles.actor_critic)  # before accelerate.prepare (ZeRO-3 partitions the weights)
+    trainer = PPOTrainer(cfg, roles, policy.tokenizer, reward, [r["prompt"] for r in data.train], eval_prompts,
+                         accelerator=accelerator, checkpoints=out.checkpoints, logs=out.logs, fingerprint=fp,
+                         callbacks=callbacks or [], log=lambda m: S.log(STAGE, m))
+    S.log(STAGE, f"{roles.mode} mode ({policy.method}): {summary['trainable_params']:,} trainable of "
+                 f"{summary['total_params']:,} parameters; " + "; ".join(f"{k}: {v}" for k, v in roles.info.items()))
+    S.log(STAGE, f"{trainer.total_updates} updates x {trainer.global_batch} prompts; "
+                 f"{trainer.prompt_lengths.trimmed} of {trainer.prompt_lengths.rows} training prompts trimmed to "
+                 f"max_prompt_length {cfg.max_prompt_length}")
+
+    cache = out.work / "start_metrics.json"  # the starting policy (= reference), cached across resumes
+    if cache.is_file():
+        start = json.loads(cache.read_text())
+    else:
+        start = trainer.evaluate(role="reference")
+        if accelerator.is_main_process:
+            artifacts.write_json(cache, start)
+    if start:
+        S.log(STAGE, f"held-out mean reward before training: {start['mean_reward']:.4f}")
+    resume = out.last_checkpoint()
+    trainer.train(resume_from=resume)
+    final = trainer.evaluate(role="policy")
+    if start and final:
+        S.log(STAGE, f"held-out mean reward: start {start['mean_reward']:.4f} -> final {final['mean_reward']:.4f}; "
+                     f"KL to the reference {final['kl_to_reference']:.4f} nats per response")
+
+    metrics = {"start": start, "final": final, "updates": trainer.update,
+               "reward_gain": (final["mean_reward"] - start["mean_reward"]) if start and final else None,
+               "kl_to_reference": final.get("kl_to_reference") if final else None,
+               "prompt_lengths": trainer.prompt_lengths.to_dict(), "peak_memory_mb": _peak_memory_mb()}
+    manifest = S.base_manifest(args, policy, data, fp, summary) | {
+        "metrics": metrics, "task": "ppo", "memory_mode": roles.mode, "roles": roles.info, "value_init": roles.value_init,
+        "reward": {"reward_model": cfg.reward_model, "reward_model_parent": rm_parent, "rules": cfg.reward,
+                   "reward_model_weight": cfg.reward_model_weight}}
+    return save_ppo_artifact(trainer, policy, out, manifest, STAGE, args.run.keep_checkpoints)
+
+
+def _peak_memory_mb() -> dict:
+    import resource
+
+    import torch
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    out = {"peak_rss": round(rss, 1)}
+    if torch.cuda.is_available():
+        out["peak_gpu_allocated"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def cli(argv=None) -> int:
+    return S.run_cli(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
