@@ -100,6 +100,7 @@ def load_model(name_or_path: str, *, task: str = "causal_lm", num_labels: int = 
     if pcfg.task_type and pcfg.task_type != TASK_TYPES[task]:  # e.g. an SFT (causal-LM) LoRA under a reward model
         pcfg.task_type = None
     merged = PeftModel.from_pretrained(base, name_or_path, config=pcfg).merge_and_unload()
+    merged.requires_grad_(True)  # PEFT froze the base while loading the adapter; the merged model is a plain model
     if quantization is not None:  # quantize the merged weights: never merge into 4-bit weights
         cache = models.cache_dir() / "merged" / _dir_fingerprint(name_or_path)
         if not (cache / "config.json").is_file():
