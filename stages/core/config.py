@@ -22,15 +22,15 @@ PEFT_METHODS = ("full", "lora", "dora", "qlora", "prefix", "prompt", "ia3", "ada
 _METHOD_ALIASES = {"bottleneck": "adapters", "none": "full", "prefix_tuning": "prefix", "prompt_tuning": "prompt"}
 
 
-def _json_or_value(value):
+def json_or_value(value, key: str = "value"):
     """CLI gives strings for dict/list keys: accept JSON there (`--eval_datasets '[]'` clears a list)."""
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str) and value[0][:1] in "[{":
         value = value[0]
-    if isinstance(value, str) and value[:1] in "[{":
+    if isinstance(value, str) and value.strip()[:1] in "[{":
         try:
             return json.loads(value)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"could not parse JSON value {value!r}: {e}") from None
+            raise ConfigError(f"{key}: invalid JSON {value!r}: {e}") from None
     return value
 
 
@@ -94,10 +94,10 @@ class DataArguments:
     max_eval_rows: int | None = field(default=None, metadata={"help": "Cap on validation rows after loading."})
 
     def __post_init__(self):
-        self.datasets = _json_or_value(self.datasets)
-        self.eval_datasets = _json_or_value(self.eval_datasets)
-        self.column_mapping = _json_or_value(self.column_mapping)
-        self.role_mapping = _json_or_value(self.role_mapping)
+        self.datasets = json_or_value(self.datasets, "datasets")
+        self.eval_datasets = json_or_value(self.eval_datasets, "eval_datasets")
+        self.column_mapping = json_or_value(self.column_mapping, "column_mapping")
+        self.role_mapping = json_or_value(self.role_mapping, "role_mapping")
         if isinstance(self.datasets, (str, dict)):
             self.datasets = [self.datasets]
         if isinstance(self.eval_datasets, (str, dict)):

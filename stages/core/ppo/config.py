@@ -9,11 +9,11 @@ Checkpoints: save_strategy "steps" every `save_steps` updates, "epoch" after eac
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..config import json_or_value
 from ..errors import ConfigError
 
 VALUE_MODELS = ("auto", "reward", "policy")
@@ -22,14 +22,7 @@ KL_ESTIMATORS = ("k1", "k3")
 
 def parse_reward_spec(spec):
     """Recipe YAML gives lists/dicts; the command line gives strings (JSON accepted)."""
-    if isinstance(spec, list) and len(spec) == 1 and isinstance(spec[0], str):
-        spec = spec[0]
-    if isinstance(spec, str) and spec.strip()[:1] in "[{":
-        try:
-            return json.loads(spec)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"reward: invalid JSON: {e}") from None
-    return spec
+    return json_or_value(spec, "reward")
 
 
 @dataclass
