@@ -91,9 +91,12 @@ def sft_runs(tiny_llama, work):
 
 def test_cpu_multi_config_starts_two_gloo_processes(tmp_path):
     script = tmp_path / "who.py"
-    script.write_text("from accelerate import PartialState\ns = PartialState(cpu=True)\n"
-                      "print('RANK', s.process_index, s.num_processes, s.backend, flush=True)\n")
-    lines = [l.split() for l in launch("cpu_multi", script).stdout.splitlines() if l.startswith("RANK")]
+    # one file per rank: two processes printing to one pipe can interleave their lines
+    script.write_text("import pathlib, sys\nfrom accelerate import PartialState\ns = PartialState(cpu=True)\n"
+                      f"pathlib.Path({str(tmp_path)!r}, f'rank{{s.process_index}}.txt').write_text("
+                      "f'RANK {s.process_index} {s.num_processes} {s.backend}')\n")
+    launch("cpu_multi", script)
+    lines = [p.read_text().split() for p in sorted(tmp_path.glob("rank*.txt"))]
     assert sorted(l[1] for l in lines) == ["0", "1"]
     assert all(l[2:] == ["2", "gloo"] for l in lines)
 
