@@ -139,3 +139,17 @@ def test_cli_exit_code_and_one_line_error(tiny_llama, tmp_path):
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
     assert "missing.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_checkpoint_cut_short_while_saving_is_not_resumed_from(tmp_path):
+    from stages.core.artifacts import StageOutput
+
+    out = StageOutput(tmp_path / "sft", "sft")
+    out.prepare()
+    for step, complete in ((3, True), (6, True), (9, False)):  # checkpoint-9: killed before trainer_state.json
+        d = out.checkpoints / f"checkpoint-{step}"
+        d.mkdir()
+        (d / "adapter_model.safetensors").write_bytes(b"x")
+        if complete:
+            (d / "trainer_state.json").write_text("{}")
+    assert out.last_checkpoint() == str(out.checkpoints / "checkpoint-6")

@@ -93,11 +93,15 @@ class StageOutput:
         self.staging.mkdir(parents=True)
 
     def last_checkpoint(self) -> str | None:
-        from transformers.trainer_utils import get_last_checkpoint
-
+        """The newest *complete* checkpoint. The trainer writes trainer_state.json last, so a checkpoint
+        without it was cut short (e.g. the process was killed while saving) and is skipped."""
         if not self.checkpoints.is_dir():
             return None
-        return get_last_checkpoint(str(self.checkpoints))
+        found = [p for p in self.checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+        for p in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+            if (p / "trainer_state.json").is_file():
+                return str(p)
+        return None
 
     def existing(self) -> dict | None:
         """The manifest of a finished output at this path, if there is one."""
