@@ -153,3 +153,35 @@ def test_a_checkpoint_cut_short_while_saving_is_not_resumed_from(tmp_path):
         if complete:
             (d / "trainer_state.json").write_text("{}")
     assert out.last_checkpoint() == str(out.checkpoints / "checkpoint-6")
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2", "tiny_gpt2"])
+def test_padding_free_batch_gives_the_padded_batch_loss(fixture, request):
+    """The default SFT batching concatenates rows; attention must stay within each row."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from stages.core.encode import encode_sft
+
+    path = request.getfixturevalue(fixture)
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    rows = Dataset.from_list([{"messages": [{"role": "user", "content": "hi " * n},
+                                            {"role": "assistant", "content": "ok yes " * (n + 1)}]} for n in (1, 5, 9)])
+    ds, _ = encode_sft(rows, tok, max_length=None)
+    losses = {}
+    for free in (False, True):
+        batch = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=free)(list(ds))
+        assert ("attention_mask" in batch) is not free and (batch["input_ids"].shape[0] == 1) is free
+        keep = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels") if k in batch}
+        with torch.no_grad():
+            losses[free] = model(**keep, use_cache=False).loss.item()
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+
+
+def test_padding_free_is_the_default_and_a_recipe_can_turn_it_off(trained, tiny_llama, tmp_path):
+    assert manifest(trained)["config"]["training"]["padding_free"] is True
+    assert manifest(trained)["config"]["training"]["max_length"] is not None  # recorded as the recipe gave it
+    run_sft(tiny_llama, tmp_path / "padded", "--padding_free", "false", "--max_steps", "2")
+    assert manifest(tmp_path / "padded")["config"]["training"]["padding_free"] is False
