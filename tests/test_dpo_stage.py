@@ -80,7 +80,24 @@ def test_every_loss_type_runs(loss, tiny_llama, pairs, tmp_path):
 
 def test_precomputed_reference_log_probs(tiny_llama, pairs, tmp_path):
     run(dpo, tiny_llama, tmp_path / "dpo", *pairs, "--precompute_ref_log_probs", "true", "--max_steps", "3")
-    assert manifest(tmp_path / "dpo")["config"]["training"]["precompute_ref_log_probs"] is True
+    m = manifest(tmp_path / "dpo")
+    assert m["config"]["training"]["precompute_ref_log_probs"] is True
+    start = m["metrics"]["start"]  # precomputed reference = the untrained policy: zero implicit rewards
+    assert abs(start["start_rewards/chosen"]) < 1e-3 and abs(start["start_rewards/rejected"]) < 1e-3
+
+
+def test_precompute_defaults_on_only_where_the_reference_would_score_rows_twice(tiny_llama, pairs, tmp_path):
+    from types import SimpleNamespace as NS
+
+    from stages.core.preference import precompute_pays_off
+
+    one_epoch = NS(max_steps=-1, num_train_epochs=1, sync_ref_model=False)
+    assert precompute_pays_off(one_epoch, has_validation=True)  # start + final evaluation at least
+    assert not precompute_pays_off(one_epoch, has_validation=False)
+    assert precompute_pays_off(NS(max_steps=-1, num_train_epochs=3, sync_ref_model=False), has_validation=False)
+    assert not precompute_pays_off(NS(max_steps=-1, num_train_epochs=3, sync_ref_model=True), has_validation=True)
+    run(dpo, tiny_llama, tmp_path / "off", *pairs, "--precompute_ref_log_probs", "false", "--max_steps", "2")
+    assert manifest(tmp_path / "off")["config"]["training"]["precompute_ref_log_probs"] is False  # the recipe wins
 
 
 def test_kto_runs_on_unpaired_data(tiny_llama, tmp_path):

@@ -72,6 +72,8 @@ def run(method_name: str, argv=None):
     policy = build_policy(args.model, args.policy, args.training)
     data = S.load_stage_data(args, task=method.task)
     S.log(name, data.report.summary())
+    if method_name == "dpo" and "precompute_ref_log_probs" not in args.explicit:
+        args.training.precompute_ref_log_probs = precompute_pays_off(args.training, data.eval is not None and len(data.eval) > 0)
     fp = S.stage_fingerprint(args, data.report.to_dict())
     if S.check_existing(out, fp, args.run.force, name):
         return out.output_dir
@@ -111,6 +113,18 @@ def run(method_name: str, argv=None):
                "reference": reference_kind(policy, method_name)}
     manifest = S.base_manifest(args, policy, data, fp, summary) | {"metrics": metrics, "method": method_name}
     return S.save_artifact(trainer, policy, out, manifest, name, args.run.keep_checkpoints)
+
+
+def precompute_pays_off(t, has_validation: bool) -> bool:
+    """Default for `precompute_ref_log_probs`: on when the reference would otherwise see a row more than once.
+
+    The stage evaluates the validation split at least twice (start and final) and more with eval_steps,
+    and each epoch re-scores every training row; precomputing does each row once, up front. It also lets
+    TRL drop a separate full-model reference from memory. Off when the reference moves (sync_ref_model).
+    """
+    if getattr(t, "sync_ref_model", False):
+        return False
+    return has_validation or (t.max_steps <= 0 and t.num_train_epochs > 1)
 
 
 def reference_kind(policy, method_name: str) -> str:
