@@ -41,12 +41,13 @@ def main(argv=None):
         return out.output_dir
 
     max_len, on_long = args.training.max_length, args.data.on_long
-    train_ds, train_len = encode_preference(data.train, policy.tokenizer, max_length=max_len, on_long=on_long)
+    train_ds, train_len = S.encode_split(encode_preference, data, "train", policy.tokenizer, args, STAGE,
+                                         max_length=max_len, on_long=on_long)
     S.log(STAGE, train_len.summary("train"))
     eval_ds = eval_len = None
     if data.eval is not None and len(data.eval):
-        eval_ds, eval_len = encode_preference(data.eval, policy.tokenizer, max_length=max_len, on_long=on_long,
-                                              source="validation")
+        eval_ds, eval_len = S.encode_split(encode_preference, data, "eval", policy.tokenizer, args, STAGE,
+                                           max_length=max_len, on_long=on_long, source="validation")
         S.log(STAGE, eval_len.summary("validation"))
 
     S.prepare_training(args, out, STAGE)

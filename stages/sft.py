@@ -54,13 +54,13 @@ def main(argv=None):
         return out.output_dir
 
     max_len, d = args.training.max_length, args.data
-    train_ds, train_len = encode_sft(data.train, policy.tokenizer, max_length=max_len, loss_on=d.loss_on,
-                                     on_long=d.on_long, source="train")
+    train_ds, train_len = S.encode_split(encode_sft, data, "train", policy.tokenizer, args, STAGE, max_length=max_len,
+                                         loss_on=d.loss_on, on_long=d.on_long, source="train")
     S.log(STAGE, train_len.summary("train"))
     eval_ds = eval_len = None
     if data.eval is not None and len(data.eval):
-        eval_ds, eval_len = encode_sft(data.eval, policy.tokenizer, max_length=max_len, loss_on=d.loss_on,
-                                       on_long=d.on_long, source="validation")
+        eval_ds, eval_len = S.encode_split(encode_sft, data, "eval", policy.tokenizer, args, STAGE, max_length=max_len,
+                                           loss_on=d.loss_on, on_long=d.on_long, source="validation")
         S.log(STAGE, eval_len.summary("validation"))
 
     S.prepare_training(args, out, STAGE)

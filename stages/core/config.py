@@ -92,6 +92,7 @@ class DataArguments:
     loss_on: str = field(default="assistant", metadata={"help": "SFT loss on: assistant (all assistant turns), last (final turn only) or all tokens."})
     max_train_rows: int | None = field(default=None, metadata={"help": "Cap on training rows after loading."})
     max_eval_rows: int | None = field(default=None, metadata={"help": "Cap on validation rows after loading."})
+    tokenized_cache: bool = field(default=True, metadata={"help": "Reuse tokenised rows across stages and runs ($RLHF_SUITE_CACHE/tokenized)."})
 
     def __post_init__(self):
         self.datasets = json_or_value(self.datasets, "datasets")

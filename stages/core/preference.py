@@ -83,8 +83,9 @@ def run(method_name: str, argv=None):
     for split, rows in (("train", data.train), ("validation", data.eval)):
         if rows is None or not len(rows):
             continue
-        encoded, report = encode_preference(rows, policy.tokenizer, max_length=max_len, on_long=on_long,
-                                            source=split, layout="dpo")
+        encoded, report = S.encode_split(encode_preference, data, "train" if split == "train" else "eval",
+                                         policy.tokenizer, args, name, max_length=max_len, on_long=on_long,
+                                         source=split, layout="dpo")
         S.log(name, report.summary(split))
         splits[split] = encoded if method.pretokenize else _conversational_rows(rows)
         lengths[split] = report.to_dict()

@@ -93,6 +93,16 @@ def load_stage_data(args: ParsedArgs, task: str):
     return loaded
 
 
+def encode_split(fn, data, split: str, tokenizer, args: ParsedArgs, stage: str, **settings):
+    """Tokenise one split with `fn`, through the tokenised-rows cache (token_cache.py)."""
+    from .token_cache import encode_cached
+
+    rows = data.train if split == "train" else data.eval
+    fp = data.report.train_fingerprint if split == "train" else data.report.eval_fingerprint
+    return encode_cached(fn, rows, tokenizer, rows_fingerprint=f"{fp}:{len(rows)}" if fp else None,
+                         enabled=args.data.tokenized_cache, log=lambda m: log(stage, m), **settings)
+
+
 def stage_fingerprint(args: ParsedArgs, data_report: dict) -> str:
     cfg = {name: to_plain(g) for name, g in args.groups.items()}
     for volatile in ("output_dir", "logging_dir", "resume_from_checkpoint", "report_to", "disable_tqdm"):
