@@ -23,6 +23,10 @@ demo: install
 
 test: test-fast test-slow
 
+# Our stages vs plain TRL, PPO one-base vs full, matmul peak and MFU: a table and runs/bench/bench.json
+bench: install
+	$(PY) tests/bench/bench.py $(BENCH_FLAGS)
+
 test-fast: install
 	$(PY) -m pytest $(PYTEST_FLAGS)
 

@@ -24,16 +24,21 @@ VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")  # these prepend tokens per row, so
 
 
 def padding_free_default(args, method: str) -> bool:
-    """Padding-free batches unless the recipe says otherwise or the method adds virtual tokens.
+    """Padding-free batches on GPUs, padded batches on CPU, unless the recipe says otherwise.
 
-    The collator concatenates a batch's rows into one sequence with restarting position_ids; attention
-    stays within each row (tests/test_sft_stage.py checks the loss equals the padded batch's). On
-    SmolLM2 demo data 40% of a padded batch is padding, so this is most of the SFT speed-up.
+    Padding-free concatenates a batch's rows into one sequence with restarting position_ids; attention
+    stays within each row (tests/test_sft_stage.py checks the loss equals the padded batch's). GPU
+    flash-attention kernels skip the cross-row blocks, so the padding (40% of a padded SmolLM2 demo
+    batch) is pure saving there. CPU attention kernels compute the whole masked square instead, which
+    made a padding-free SmolLM2 step 1.4x slower than a padded one (measured): CPU stays padded.
+    Methods that prepend virtual tokens to each row (prefix, prompt) cannot be concatenated.
     """
+    from stages.core import runtime
+
     t = args.training
     if "padding_free" in args.explicit or t.packing:
         return bool(t.padding_free)
-    return method not in VIRTUAL_TOKEN_METHODS
+    return method not in VIRTUAL_TOKEN_METHODS and runtime.cuda_available()
 
 
 def main(argv=None):
@@ -49,6 +54,7 @@ def main(argv=None):
     policy = build_policy(args.model, args.policy, args.training)
     data = S.load_stage_data(args, task="sft")
     S.log(STAGE, data.report.summary())
+    args.training.padding_free = padding_free_default(args, policy.method)  # resolved before the fingerprint
     fp = S.stage_fingerprint(args, data.report.to_dict())
     if S.check_existing(out, fp, args.run.force, STAGE):
         return out.output_dir
@@ -65,12 +71,12 @@ def main(argv=None):
 
     S.prepare_training(args, out, STAGE)
     t = args.training
-    t.padding_free = padding_free_default(args, policy.method)
     if t.padding_free and not t.packing:
         t.max_length = None  # rows are already fitted to max_length above; TRL wants None here
     trainer = SFTTrainer(model=policy.model, args=t, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=policy.tokenizer, peft_config=policy.peft_config, callbacks=S.callbacks(args))
     t.max_length = max_len
+    S.log_fast_paths(trainer, STAGE)
     S.log(STAGE, "batches: " + ("packed" if t.packing else "padding-free (sequences concatenated, no pad tokens)"
                                 if t.padding_free else "padded"))
     summary = trainable_summary(trainer.model)

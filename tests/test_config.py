@@ -101,3 +101,19 @@ def test_datasets_accept_json_on_the_command_line(tmp_path):
                                         "--column_mapping", '{"prompt": "question"}'])
     assert args.data.datasets == ["a.jsonl", "b.jsonl"]
     assert args.data.column_mapping == {"prompt": "question"}
+
+
+def test_hardware_defaults_see_command_line_values(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    r = write(tmp_path, "output_dir: out\nmax_length: 256\n")
+    short = parse_stage(_sft_config(), ["--config", r])
+    assert short.model.attn_implementation == "eager"  # short rows: eager attention on CPU
+    long = parse_stage(_sft_config(), ["--config", r, "--max_length", "4096"])
+    assert long.model.attn_implementation is None and long.training.max_length == 4096  # long rows keep SDPA
+    fp32 = parse_stage(_sft_config(), ["--config", r, "--precision", "fp32"])
+    assert fp32.training.bf16 is False
+    mine = parse_stage(_sft_config(), ["--config", r, "--attn_implementation", "sdpa"])
+    assert mine.model.attn_implementation == "sdpa"

@@ -50,8 +50,9 @@ def test_dpo_on_sft_lora_uses_the_sft_policy_as_reference_and_learns(sft_lora, t
     m = manifest(out)
     assert m["metrics"]["reference"].startswith("adapters disabled = merged")
     start, final = m["metrics"]["start"], m["metrics"]["final"]
-    # At the start the policy IS the reference: every implicit reward is exactly zero.
-    assert start["start_rewards/chosen"] == 0 and start["start_rewards/rejected"] == 0
+    # At the start the policy IS the reference: every implicit reward is zero (up to float rounding: the
+    # reference log-probs were precomputed in batches of another size)
+    assert abs(start["start_rewards/chosen"]) < 1e-5 and abs(start["start_rewards/rejected"]) < 1e-5
     assert final["eval_rewards/accuracies"] >= 0.7 and final["eval_rewards/margins"] > 0
     # Adapters off on the DPO output == the SFT policy (merged), not the raw base.
     sft_model, _, _ = load_model(str(sft_lora))

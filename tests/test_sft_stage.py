@@ -180,8 +180,11 @@ def test_padding_free_batch_gives_the_padded_batch_loss(fixture, request):
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
 
 
-def test_padding_free_is_the_default_and_a_recipe_can_turn_it_off(trained, tiny_llama, tmp_path):
-    assert manifest(trained)["config"]["training"]["padding_free"] is True
+def test_padding_free_follows_the_hardware_unless_the_recipe_sets_it(trained, tiny_llama, tmp_path):
+    from stages.core import runtime
+
+    assert manifest(trained)["config"]["training"]["padding_free"] is runtime.cuda_available()  # CPU: padded
     assert manifest(trained)["config"]["training"]["max_length"] is not None  # recorded as the recipe gave it
-    run_sft(tiny_llama, tmp_path / "padded", "--padding_free", "false", "--max_steps", "2")
-    assert manifest(tmp_path / "padded")["config"]["training"]["padding_free"] is False
+    run_sft(tiny_llama, tmp_path / "free", "--padding_free", "true", "--max_steps", "2")
+    m = manifest(tmp_path / "free")
+    assert m["config"]["training"]["padding_free"] is True and m["status"] == "complete"

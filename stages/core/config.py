@@ -209,8 +209,10 @@ def parse_args(groups: dict[str, type], argv: list[str] | None = None, *, adjust
         if key not in known:
             raise ConfigError(f"unknown command-line option '--{key}'{_suggest(key, known)}")
     explicit = set(recipe) | cli_keys
-    if adjust is not None:
-        adjust(recipe, explicit)
+    if adjust is not None:  # adjust sees the command line's values too; the command line still wins at parsing
+        view = {**recipe, **_cli_values(argv)}
+        adjust(view, explicit)
+        recipe.update({k: v for k, v in view.items() if k not in cli_keys})
     import os
 
     for k, v in env.items():
@@ -231,6 +233,31 @@ def parse_args(groups: dict[str, type], argv: list[str] | None = None, *, adjust
     script = sys.argv[0] if argv_given is None else "rlhf-stage"
     return ParsedArgs(groups=dict(zip(groups, objs)), explicit=explicit, config_path=config_path, recipe=recipe,
                       command=shlex.join([script, *original]))
+
+
+def _cli_values(argv: list[str]) -> dict:
+    """`--key value [value ...]` / `--key=value` pairs as YAML-typed values (for defaults that depend on them)."""
+    import yaml
+
+    out, key, vals = {}, None, []
+
+    def close():
+        if key is not None:
+            try:
+                typed = [yaml.safe_load(v) for v in vals]
+            except yaml.YAMLError:
+                typed = list(vals)
+            out[key] = True if not typed else typed[0] if len(typed) == 1 else typed
+
+    for a in argv:
+        if a.startswith("--"):
+            close()
+            name, eq, value = a[2:].partition("=")
+            key, vals = name.replace("-", "_"), [value] if eq else []
+        elif key is not None:
+            vals.append(a)
+    close()
+    return out
 
 
 def to_plain(obj) -> dict:

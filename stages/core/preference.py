@@ -96,6 +96,7 @@ def run(method_name: str, argv=None):
     trainer = _trainer_class(method)(
         model=policy.model, args=args.training, train_dataset=splits["train"], eval_dataset=splits.get("validation"),
         processing_class=policy.tokenizer, peft_config=policy.peft_config, callbacks=S.callbacks(args))
+    S.log_fast_paths(trainer, name, lm_head=method_name == "dpo")
     summary = trainable_summary(trainer.model)
     S.log(name, f"{policy.method}: {summary['trainable_params']:,} trainable of {summary['total_params']:,} "
                 f"parameters ({summary['trainable_pct']:.2f}%); reference: {reference_kind(policy, method_name)}")

@@ -47,6 +47,9 @@ def choose_precision(requested: str, recipe: dict, explicit: set[str]) -> str:
     return requested
 
 
+EAGER_MAX_LENGTH = 1024
+
+
 def adjust_training_defaults(recipe: dict, explicit: set[str], *, precision: str = "auto") -> str:
     """Set device/precision/checkpointing defaults in the recipe dict before TrainingArguments validates them."""
     chosen = choose_precision(recipe.get("precision", precision), recipe, explicit)
@@ -56,6 +59,10 @@ def adjust_training_defaults(recipe: dict, explicit: set[str], *, precision: str
         # Small models on CPU have memory to spare; recomputation only costs time there.
         if "gradient_checkpointing" not in explicit:
             recipe["gradient_checkpointing"] = False
+        # CPU SDPA's backward is slow on short rows: eager attention made a SmolLM2 LoRA step at ~110
+        # tokens 1.2x faster (measured). Its S^2 attention weights grow with length, so long rows keep SDPA.
+        if "attn_implementation" not in explicit and (recipe.get("max_length") or 1024) <= EAGER_MAX_LENGTH:
+            recipe["attn_implementation"] = "eager"
     recipe["bf16"] = chosen == "bf16"
     recipe["fp16"] = chosen == "fp16"
     if "report_to" not in explicit:

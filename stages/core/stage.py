@@ -103,6 +103,14 @@ def encode_split(fn, data, split: str, tokenizer, args: ParsedArgs, stage: str, 
                          enabled=args.data.tokenized_cache, log=lambda m: log(stage, m), **settings)
 
 
+def log_fast_paths(trainer, stage: str, *, lm_head: bool = True) -> None:
+    from .fastpath import install
+
+    applied = install(trainer, lm_head=lm_head)
+    if applied:
+        log(stage, "CPU fast paths: " + ", ".join(applied))
+
+
 def stage_fingerprint(args: ParsedArgs, data_report: dict) -> str:
     cfg = {name: to_plain(g) for name, g in args.groups.items()}
     for volatile in ("output_dir", "logging_dir", "resume_from_checkpoint", "report_to", "disable_tqdm"):

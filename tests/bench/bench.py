@@ -111,7 +111,7 @@ class StepTimer:
         seq = statistics.mean(self.seqs) if self.seqs else 0.0
         tps = sum(tok) / sum(t)
         return {"steps": len(self.times), "timed_steps": len(t), "step_s": statistics.median(t),
-                "tokens_per_s": tps, "mean_seq_len": seq, "trainable_params": self.trainable,
+                "tokens_per_s": tps, "tokens_per_step": sum(tok) / len(tok), "mean_seq_len": seq, "trainable_params": self.trainable,
                 "flops_per_token": flops_per_token(n, layers, hidden, seq / 2, passes), "matmul_params": n}
 
 
@@ -126,7 +126,7 @@ def patch_stage_callbacks(timer):
 def common_overrides(out: Path, steps: int) -> list[str]:
     return ["--output_dir", str(out), "--max_steps", str(steps), "--eval_strategy", "no", "--save_strategy", "no",
             "--logging_steps", "1", "--eval_datasets", "[]", "--validation_fraction", "0", "--report_to", "none",
-            "--force", "true", "--seed", "0"]
+            "--force", "true", "--seed", "0", "--early_stopping_patience", "0"]
 
 
 def cpu_kw() -> dict:

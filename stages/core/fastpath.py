@@ -1,0 +1,119 @@
+"""CPU fast paths under TRL's trainers, each measured by `make bench` and checked against TRL's own result.
+
+- `compact_lm_head`: TRL's SFT and DPO trainers score tokens through a chunked LM-head kernel. On GPUs
+  it is a Triton kernel over the labelled positions only; on CPU its fallback runs small torch ops tile
+  by tile over every position (prompt tokens included) and took a third of an SFT step on SmolLM2.
+  This path projects only the labelled positions, in one bf16 matmul under autocast, and returns the
+  same fields (tests/test_fastpath.py compares them with TRL's). Entropy, top-1 and mean logit are
+  logging-only here (no gradient), as they are in SFT and DPO.
+- `bf16_frozen_weights`: with LoRA-style methods the base weights are frozen, and autocast re-casts
+  every fp32 weight to bf16 on every forward and backward (frozen tensors are not cached). Storing the
+  frozen Linear weights in bf16 gives the same matmuls without the casts and halves their memory.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+
+
+def _supported(model) -> bool:
+    cfg = model.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return (text is cfg and getattr(text, "final_logit_softcapping", None) is None
+            and getattr(text, "logit_scale", None) in (None, 1.0) and getattr(text, "output_multiplier", None) is None
+            and getattr(text, "logits_scaling", None) is None and getattr(text, "lm_head_multiplier", None) is None
+            and not getattr(text, "output_router_logits", False))
+
+
+def compact_lm_head(model) -> bool:
+    """Replace TRL's fused LM head on `model` (already patched by TRL) with the compact CPU path.
+
+    Only CPU tensors take the new path; anything else (CUDA, shift_labels, unpatched calls) goes to TRL.
+    Returns whether it was installed.
+    """
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    if not _supported(model) or getattr(model, "_rlhf_compact_lm_head", False):
+        return False
+    trl_forward = model.forward
+
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not fused_lm_head or shift_labels is not None or labels is None or ids is None or ids.device.type != "cpu":
+            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                               num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        labels = labels[:, 1:]
+        mask = labels != -100
+        target = labels[mask]
+        logits = self.get_output_embeddings()(hidden[mask]).float()
+        logp = logits.log_softmax(-1)
+        picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        with torch.no_grad():
+            entropy = -(logp.exp() * logp).sum(-1)
+            is_top1 = logits.argmax(-1) == target
+            mean_logits = logits.mean(-1)
+
+        def full(x, dtype=None):
+            return x.new_zeros(mask.shape, dtype=dtype or x.dtype).masked_scatter(mask, x)
+
+        log_probs = full(picked)
+        denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(loss=-picked.sum() / denom, log_probs=log_probs, entropy=full(entropy),
+                                   log_sum_sq_probs=None, mean_logits=full(mean_logits), is_top1=full(is_top1),
+                                   label_mask=mask, aux_loss=None)
+
+    model.forward = types.MethodType(forward, model)
+    model._rlhf_compact_lm_head = True
+    return True
+
+
+def install(trainer, *, lm_head: bool = True) -> list[str]:
+    """Apply the CPU fast paths to a TRL trainer's model (and reference); returns what was applied."""
+    applied = set()
+    for m in (trainer.model, getattr(trainer, "ref_model", None)):
+        if m is None or not isinstance(m, torch.nn.Module):
+            continue
+        base = m.get_base_model() if hasattr(m, "get_base_model") else m
+        if next(base.parameters()).device.type != "cpu":
+            continue
+        if lm_head and compact_lm_head(base):
+            applied.add("compact LM head")
+        if getattr(trainer.args, "bf16", False) and bf16_frozen_weights(base):
+            applied.add("bf16 frozen weights")
+    return sorted(applied)
+
+
+def bf16_frozen_weights(model) -> int:
+    """Store frozen nn.Linear weights in bf16 (CPU autocast runs); returns how many tensors were cast.
+
+    The output embedding is left alone: it is usually tied to the input embedding, whose output feeds
+    the fp32 residual stream.
+    """
+    skip = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    n = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not skip:
+            w = module.weight
+            if not w.requires_grad and w.dtype == torch.float32 and w.device.type == "cpu":
+                w.data = w.data.to(torch.bfloat16)
+                module.register_forward_pre_hook(_match_weight_dtype)
+                module.register_forward_hook(_restore_dtype)
+                n += 1
+    return n
+
+
+def _match_weight_dtype(module, args):
+    """Outside autocast (generation in a callback, say) feed the bf16 weight a bf16 input."""
+    x = args[0]
+    if torch.is_autocast_enabled("cpu") or x.dtype == module.weight.dtype:
+        return None
+    module._rlhf_in_dtype = x.dtype
+    return (x.to(module.weight.dtype), *args[1:])
+
+
+def _restore_dtype(module, args, output):
+    dtype = module.__dict__.pop("_rlhf_in_dtype", None)
+    return output.to(dtype) if dtype is not None else None
