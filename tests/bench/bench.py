@@ -112,6 +112,7 @@ class StepTimer:
         tps = sum(tok) / sum(t)
         return {"steps": len(self.times), "timed_steps": len(t), "step_s": statistics.median(t),
                 "tokens_per_s": tps, "tokens_per_step": sum(tok) / len(tok), "mean_seq_len": seq, "trainable_params": self.trainable,
+                "total_params": self.total,
                 "flops_per_token": flops_per_token(n, layers, hidden, seq / 2, passes), "matmul_params": n}
 
 
@@ -135,10 +136,28 @@ def cpu_kw() -> dict:
     return {} if torch.cuda.is_available() else {"use_cpu": True}
 
 
-def lora_config():
+def lora_config(recipe: str):
+    """The LoRA of our recipe, so the baseline trains exactly the same adapter."""
+    import yaml
     from peft import LoraConfig
 
-    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    r = yaml.safe_load((RECIPES / recipe).read_text())
+    return LoraConfig(r=r["lora_r"], lora_alpha=r["lora_alpha"], lora_dropout=r["lora_dropout"],
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def long_conversations(path: Path, min_chars: int = 3000) -> str:
+    """Multi-turn conversations of >= ~600 tokens, built from the demo rows (for sequence length 512)."""
+    from stages.core import demo
+
+    rows, conv = [], []
+    for ex in demo.sft_examples():
+        conv += ex["messages"]
+        if sum(len(m["content"]) for m in conv) >= min_chars:
+            rows.append({"messages": conv})
+            conv = []
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -171,8 +190,9 @@ def w_sft(spec, *, full512: bool = False) -> dict:
     patch_stage_callbacks(timer)
     argv = ["--config", str(RECIPES / "sft.yaml"), "--model_name_or_path", spec["model"],
             "--compare_with_base", "false", *common_overrides(Path(spec["tmp"]) / "out", spec["steps"])]
-    if full512:  # full fine-tuning, rows packed into 512-token sequences
-        argv += ["--peft_method", "full", "--packing", "true", "--max_length", "512",
+    if full512:  # full fine-tuning on multi-turn rows cut to exactly 512 tokens (no padding)
+        data = long_conversations(Path(spec["tmp"]) / "long.jsonl")
+        argv += ["--peft_method", "full", "--datasets", data, "--max_length", "512",
                  "--per_device_train_batch_size", str(spec["full_batch"]), "--learning_rate", "1e-5"]
     sft.main(argv)
     return timer.summary(passes=3.0 if full512 else 2.0)
@@ -197,7 +217,7 @@ def w_sft_trl(spec) -> dict:
     cfg = SFTConfig(output_dir=str(Path(spec["tmp"]) / "out"), max_steps=spec["steps"], per_device_train_batch_size=8,
                     learning_rate=2e-4, logging_steps=1, save_strategy="no", report_to="none", seed=0, **cpu_kw())
     trainer = SFTTrainer(model=resolve_model(spec["model"]), args=cfg, train_dataset=demo_rows("sft"),
-                         peft_config=lora_config(), callbacks=[timer])
+                         peft_config=lora_config("sft.yaml"), callbacks=[timer])
     trainer.train()
     return timer.summary(passes=2.0)
 
@@ -222,7 +242,7 @@ def w_dpo_trl(spec) -> dict:
 
     path = resolve_model(spec["model"])
     timer = StepTimer()
-    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(path), lora_config())
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(path), lora_config("dpo.yaml"))
     reference = AutoModelForCausalLM.from_pretrained(path)
     cfg = DPOConfig(output_dir=str(Path(spec["tmp"]) / "out"), max_steps=spec["steps"], per_device_train_batch_size=8,
                     learning_rate=1e-4, logging_steps=1, save_strategy="no", report_to="none", seed=0, **cpu_kw())
