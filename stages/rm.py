@@ -36,6 +36,7 @@ def main(argv=None):
     policy = build_policy(args.model, args.policy, args.training, task="seq_cls", num_labels=1)
     data = S.load_stage_data(args, task="preference")
     S.log(STAGE, data.report.summary())
+    S.checkpointing_for_memory(args, policy.model, STAGE, rows_per_example=2)
     fp = S.stage_fingerprint(args, data.report.to_dict())
     if S.check_existing(out, fp, args.run.force, STAGE):
         return out.output_dir

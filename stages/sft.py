@@ -46,6 +46,7 @@ def main(argv=None):
 
     from stages.core.artifacts import StageOutput
     from stages.core.policy import build_policy, trainable_summary
+    from stages.core import fastpath
     from stages.core.encode import encode_sft
 
     args = S.parse_stage(SFTConfig, argv, stage=STAGE)
@@ -55,6 +56,7 @@ def main(argv=None):
     data = S.load_stage_data(args, task="sft")
     S.log(STAGE, data.report.summary())
     args.training.padding_free = padding_free_default(args, policy.method)  # resolved before the fingerprint
+    S.checkpointing_for_memory(args, policy.model, STAGE)
     fp = S.stage_fingerprint(args, data.report.to_dict())
     if S.check_existing(out, fp, args.run.force, STAGE):
         return out.output_dir
@@ -73,8 +75,10 @@ def main(argv=None):
     t = args.training
     if t.padding_free and not t.packing:
         t.max_length = None  # rows are already fitted to max_length above; TRL wants None here
-    trainer = SFTTrainer(model=policy.model, args=t, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=policy.tokenizer, peft_config=policy.peft_config, callbacks=S.callbacks(args))
+    with fastpath.during_init(SFTTrainer, bf16=t.bf16):
+        trainer = SFTTrainer(model=policy.model, args=t, train_dataset=train_ds, eval_dataset=eval_ds,
+                             processing_class=policy.tokenizer, peft_config=policy.peft_config,
+                             callbacks=S.callbacks(args))
     t.max_length = max_len
     S.log_fast_paths(trainer, STAGE)
     S.log(STAGE, "batches: " + ("packed" if t.packing else "padding-free (sequences concatenated, no pad tokens)"

@@ -18,12 +18,13 @@ def test_bench_measures_every_run_and_reports_ratios_and_targets(tiny_llama, tmp
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     report = json.loads(out.read_text())
     res = report["results"]
-    assert set(res) == {"matmul", "sft", "sft-trl", "dpo", "dpo-trl", "ppo-onebase", "ppo-full", "full-512"}
+    assert set(res) == {"matmul", "sft", "sft-trl", "dpo", "dpo-gc", "dpo-trl", "ppo-onebase",
+                        "ppo-full", "full-512"}
     assert res["matmul"]["bf16_flops"] > 0 and res["matmul"]["fp32_flops"] > 0
     for name, fig in res.items():
         if name != "matmul":
             assert fig["step_s"] > 0 and fig["tokens_per_s"] > 0 and fig["peak_rss_gb"] > 0.1, name
-    for name in ("sft", "sft-trl", "dpo", "dpo-trl", "full-512"):
+    for name in ("sft", "sft-trl", "dpo", "dpo-gc", "dpo-trl", "full-512"):
         assert res[name]["timed_steps"] == 4 - 2 and 0 < res[name]["mfu"] < 1, name
     # LoRA: only adapters train in ours and in TRL's; full fine-tuning trains every weight
     assert res["sft"]["trainable_params"] == res["sft-trl"]["trainable_params"]

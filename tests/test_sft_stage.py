@@ -188,3 +188,25 @@ def test_padding_free_follows_the_hardware_unless_the_recipe_sets_it(trained, ti
     run_sft(tiny_llama, tmp_path / "free", "--padding_free", "true", "--max_steps", "2")
     m = manifest(tmp_path / "free")
     assert m["config"]["training"]["padding_free"] is True and m["status"] == "complete"
+
+
+def test_checkpointing_goes_back_on_only_when_activations_would_not_fit(tiny_llama, tmp_path, monkeypatch):
+    from types import SimpleNamespace as NS
+
+    from stages.core import runtime
+
+    cfg = NS(hidden_size=576, intermediate_size=1536, num_hidden_layers=30)  # SmolLM2-135M's shape
+    need = runtime.activation_bytes(cfg, 8 * 256)
+    assert 4e9 < need < 6e9  # measured ~87 KB per token and layer: ~5.3 GB for 2048 tokens
+    assert runtime.checkpointing_needed(cfg, 8 * 256, available=4 * 2**30)
+    assert not runtime.checkpointing_needed(cfg, 8 * 256, available=24 * 2**30)
+    if runtime.cuda_available():
+        return
+    monkeypatch.setattr(runtime, "available_memory", lambda: 1024)  # a machine with no memory to spare
+    run_sft(tiny_llama, tmp_path / "tight", "--max_steps", "1")
+    assert manifest(tmp_path / "tight")["config"]["training"]["gradient_checkpointing"] is True
+    run_sft(tiny_llama, tmp_path / "insist", "--max_steps", "1", "--gradient_checkpointing", "false")
+    assert manifest(tmp_path / "insist")["config"]["training"]["gradient_checkpointing"] is False
+    monkeypatch.undo()
+    run_sft(tiny_llama, tmp_path / "roomy", "--max_steps", "1")
+    assert manifest(tmp_path / "roomy")["config"]["training"]["gradient_checkpointing"] is False

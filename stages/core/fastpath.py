@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import sys
 import types
 
 import torch
@@ -70,6 +72,37 @@ def compact_lm_head(model) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def during_init(trainer_cls, *, bf16: bool):
+    """While a TRL trainer is built, its own `add_fused_lm_head` call also installs the CPU fast paths,
+    so the work TRL does in `__init__` (precomputed reference log-probs) has the numerics of training."""
+    mod = next((sys.modules[c.__module__] for c in trainer_cls.__mro__
+                if hasattr(sys.modules.get(c.__module__), "add_fused_lm_head")), None)
+    if mod is None:
+        yield
+        return
+    original = mod.add_fused_lm_head
+
+    def patched(model, *args, **kwargs):
+        original(model, *args, **kwargs)
+        plain = not args and kwargs.get("temperature", 1.0) == 1.0 and not kwargs.get("cast_lm_head_to_fp32")
+        if plain and _on_cpu(model):
+            compact_lm_head(model)
+            if bf16:
+                bf16_frozen_weights(model)
+
+    mod.add_fused_lm_head = patched
+    try:
+        yield
+    finally:
+        mod.add_fused_lm_head = original
+
+
+def _on_cpu(model) -> bool:
+    p = next(model.parameters(), None)
+    return p is not None and p.device.type == "cpu" and not torch.cuda.is_available()
+
+
 def install(trainer, *, lm_head: bool = True) -> list[str]:
     """Apply the CPU fast paths to a TRL trainer's model (and reference); returns what was applied."""
     applied = set()
@@ -77,12 +110,14 @@ def install(trainer, *, lm_head: bool = True) -> list[str]:
         if m is None or not isinstance(m, torch.nn.Module):
             continue
         base = m.get_base_model() if hasattr(m, "get_base_model") else m
-        if next(base.parameters()).device.type != "cpu":
+        if not _on_cpu(base):
             continue
-        if lm_head and compact_lm_head(base):
+        if lm_head and (compact_lm_head(base) or getattr(base, "_rlhf_compact_lm_head", False)):
             applied.add("compact LM head")
-        if getattr(trainer.args, "bf16", False) and bf16_frozen_weights(base):
-            applied.add("bf16 frozen weights")
+        if getattr(trainer.args, "bf16", False):
+            bf16_frozen_weights(base)
+            if any(getattr(m, "_rlhf_bf16", False) for m in base.modules()):
+                applied.add("bf16 frozen weights")
     return sorted(applied)
 
 
@@ -97,8 +132,9 @@ def bf16_frozen_weights(model) -> int:
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module is not skip:
             w = module.weight
-            if not w.requires_grad and w.dtype == torch.float32 and w.device.type == "cpu":
+            if not w.requires_grad and w.dtype == torch.float32 and w.device.type == "cpu" and not hasattr(w, "ds_id"):
                 w.data = w.data.to(torch.bfloat16)
+                module._rlhf_bf16 = True
                 module.register_forward_pre_hook(_match_weight_dtype)
                 module.register_forward_hook(_restore_dtype)
                 n += 1

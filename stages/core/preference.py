@@ -61,6 +61,7 @@ def _trainer_class(method: Method):
 
 def run(method_name: str, argv=None):
     from .artifacts import StageOutput
+    from . import fastpath
     from .encode import encode_preference
     from .policy import build_policy, trainable_summary
 
@@ -74,6 +75,7 @@ def run(method_name: str, argv=None):
     S.log(name, data.report.summary())
     if method_name == "dpo" and "precompute_ref_log_probs" not in args.explicit:
         args.training.precompute_ref_log_probs = precompute_pays_off(args.training, data.eval is not None and len(data.eval) > 0)
+    S.checkpointing_for_memory(args, policy.model, name, rows_per_example=2)
     fp = S.stage_fingerprint(args, data.report.to_dict())
     if S.check_existing(out, fp, args.run.force, name):
         return out.output_dir
@@ -93,9 +95,11 @@ def run(method_name: str, argv=None):
         S.log(name, f"{name}: TRL tokenises these rows itself and truncates long ones by its own rule; counts above")
 
     S.prepare_training(args, out, name)
-    trainer = _trainer_class(method)(
-        model=policy.model, args=args.training, train_dataset=splits["train"], eval_dataset=splits.get("validation"),
-        processing_class=policy.tokenizer, peft_config=policy.peft_config, callbacks=S.callbacks(args))
+    trainer_cls = _trainer_class(method)
+    with fastpath.during_init(trainer_cls, bf16=args.training.bf16):
+        trainer = trainer_cls(
+            model=policy.model, args=args.training, train_dataset=splits["train"], eval_dataset=splits.get("validation"),
+            processing_class=policy.tokenizer, peft_config=policy.peft_config, callbacks=S.callbacks(args))
     S.log_fast_paths(trainer, name, lm_head=method_name == "dpo")
     summary = trainable_summary(trainer.model)
     S.log(name, f"{policy.method}: {summary['trainable_params']:,} trainable of {summary['total_params']:,} "

@@ -70,6 +70,35 @@ def adjust_training_defaults(recipe: dict, explicit: set[str], *, precision: str
     return chosen
 
 
+ACTIVATION_BYTES_PER_UNIT = 40  # measured: ~87 KB per token and layer on SmolLM2 (hidden 576, MLP 1536), bf16 autocast
+
+
+def activation_bytes(model_config, tokens: int) -> int:
+    """Rough bytes of activations kept for backward without checkpointing, for `tokens` tokens in one micro-batch."""
+    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    hidden = getattr(cfg, "hidden_size", 0) or 0
+    inter = getattr(cfg, "intermediate_size", None) or 4 * hidden
+    layers = getattr(cfg, "num_hidden_layers", 0) or 0
+    return int(ACTIVATION_BYTES_PER_UNIT * (hidden + inter) * layers * tokens)
+
+
+def available_memory() -> int | None:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def checkpointing_needed(model_config, tokens: int, available: int | None = None, share: float = 0.8) -> bool:
+    """On CPU, checkpointing is off by default; turn it back on when the activations would not fit in
+    `share` of the available memory (a worst case: every row at max_length)."""
+    available = available_memory() if available is None else available
+    return bool(available) and activation_bytes(model_config, tokens) > share * available
+
+
 def configure_threads(num_threads: int | None = None) -> int:
     """Use every core on CPU runs, unless the recipe says otherwise.
 

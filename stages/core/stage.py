@@ -103,6 +103,19 @@ def encode_split(fn, data, split: str, tokenizer, args: ParsedArgs, stage: str, 
                          enabled=args.data.tokenized_cache, log=lambda m: log(stage, m), **settings)
 
 
+def checkpointing_for_memory(args: ParsedArgs, model, stage: str, *, rows_per_example: int = 1) -> None:
+    """CPU runs train without gradient checkpointing when memory allows; otherwise it goes back on."""
+    t = args.training
+    if runtime.cuda_available() or "gradient_checkpointing" in args.explicit or t.gradient_checkpointing:
+        return
+    tokens = t.per_device_train_batch_size * (t.max_length or 1024) * rows_per_example
+    if runtime.checkpointing_needed(model.config, tokens):
+        t.gradient_checkpointing = True
+        need = runtime.activation_bytes(model.config, tokens) / 2**30
+        log(stage, f"gradient checkpointing on: activations for {tokens} tokens need ~{need:.1f} GiB, over 80% "
+                   "of the available memory (set gradient_checkpointing: false to insist)")
+
+
 def log_fast_paths(trainer, stage: str, *, lm_head: bool = True) -> None:
     from .fastpath import install
 
