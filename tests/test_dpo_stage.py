@@ -87,7 +87,7 @@ def test_precomputed_reference_log_probs(tiny_llama, pairs, tmp_path):
     assert abs(start["start_rewards/chosen"]) < 1e-3 and abs(start["start_rewards/rejected"]) < 1e-3
 
 
-def test_precompute_defaults_on_only_where_the_reference_would_score_rows_twice(tiny_llama, pairs, tmp_path):
+def test_precompute_defaults_on_only_where_the_reference_would_score_rows_twice(tiny_llama, pairs, tmp_path, monkeypatch):
     from types import SimpleNamespace as NS
 
     from stages.core.preference import precompute_pays_off
@@ -97,6 +97,9 @@ def test_precompute_defaults_on_only_where_the_reference_would_score_rows_twice(
     assert not precompute_pays_off(one_epoch, has_validation=False)
     assert precompute_pays_off(NS(max_steps=-1, num_train_epochs=3, sync_ref_model=False), has_validation=False)
     assert not precompute_pays_off(NS(max_steps=-1, num_train_epochs=3, sync_ref_model=True), has_validation=True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not precompute_pays_off(one_epoch, has_validation=True)  # TRL's precompute cache is per process
+    monkeypatch.delenv("WORLD_SIZE")
     run(dpo, tiny_llama, tmp_path / "off", *pairs, "--precompute_ref_log_probs", "false", "--max_steps", "2")
     assert manifest(tmp_path / "off")["config"]["training"]["precompute_ref_log_probs"] is False  # the recipe wins
 

@@ -40,6 +40,8 @@ def test_second_encode_is_served_from_the_cache_with_identical_rows(cache, rows,
     assert len(fn.calls) == 1 and len(list(cache.iterdir())) == 1
     assert second.to_dict() == first.to_dict() and rep2.to_dict() == rep1.to_dict()
     assert rep1.over_limit > 0  # the length report survives the round trip, not just the rows
+    # the writer gets the on-disk copy too, so every rank of a distributed run holds the same dataset files
+    assert first.cache_files and first.cache_files == second.cache_files
 
 
 def test_rows_settings_or_tokenizer_changes_miss_the_cache(cache, rows, tiny_llama):

@@ -7,6 +7,7 @@ fine-tuned policy gets TRL's separate frozen reference copy. ORPO needs no refer
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from . import stage as S
@@ -129,6 +130,8 @@ def precompute_pays_off(t, has_validation: bool) -> bool:
     TRL drop a separate full-model reference from memory. Off when the reference moves (sync_ref_model).
     """
     if getattr(t, "sync_ref_model", False):
+        return False
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # TRL's precompute cache needs datasets every rank shares
         return False
     return has_validation or (t.max_steps <= 0 and t.num_train_epochs > 1)
 

@@ -45,29 +45,40 @@ def encode_cached(fn, rows, tokenizer, *, rows_fingerprint: str | None, enabled:
     """`fn(rows, tokenizer, **settings)` -> (Dataset, LengthReport), served from the cache when the key matches."""
     if not enabled or not rows_fingerprint:
         return fn(rows, tokenizer, **settings)
-    from datasets import load_from_disk
-
     entry = cache_dir() / "tokenized" / cache_key(fn.__name__, rows_fingerprint, tokenizer, settings)
     if (entry / "report.json").is_file():
-        try:
-            report = E.LengthReport(**json.loads((entry / "report.json").read_text()))
-            dataset = load_from_disk(str(entry / "data"))
+        hit = _load(entry, log)
+        if hit is not None:
             if log:
-                log(f"tokenised rows from the cache ({len(dataset)} rows, {entry.name[:12]})")
-            return dataset, report
-        except Exception as exc:  # damaged or from another datasets version: rebuild it
-            if log:
-                log(f"tokenised-rows cache entry {entry.name[:12]} unreadable ({type(exc).__name__}); rebuilding it")
-            shutil.rmtree(entry, ignore_errors=True)
+                log(f"tokenised rows from the cache ({len(hit[0])} rows, {entry.name[:12]})")
+            return hit
     dataset, report = fn(rows, tokenizer, **settings)
     tmp = entry.parent / f".{entry.name}.{os.getpid()}.tmp"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         dataset.save_to_disk(str(tmp / "data"))
         (tmp / "report.json").write_text(json.dumps(report.to_dict()))
-        os.replace(tmp, entry) if not entry.exists() else shutil.rmtree(tmp)
-    except OSError as exc:  # a full or read-only disk costs the cache, never the run
-        shutil.rmtree(tmp, ignore_errors=True)
-        if log:
+        if not entry.exists():
+            os.replace(tmp, entry)
+    except OSError as exc:  # a full or read-only disk costs the cache, never the run; a lost race is fine
+        if log and not entry.exists():
             log(f"could not cache tokenised rows ({exc}); continuing without the cache")
-    return dataset, report
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    # Every process of a distributed run returns the same on-disk dataset, whoever wrote it: TRL keeps
+    # per-dataset cache files (e.g. precomputed reference log-probs) next to it and other ranks read them.
+    written = _load(entry, None) if (entry / "report.json").is_file() else None
+    return written if written is not None else (dataset, report)
+
+
+def _load(entry: Path, log):
+    from datasets import load_from_disk
+
+    try:
+        report = E.LengthReport(**json.loads((entry / "report.json").read_text()))
+        return load_from_disk(str(entry / "data")), report
+    except Exception as exc:  # damaged or from another datasets version: rebuild it
+        if log:
+            log(f"tokenised-rows cache entry {entry.name[:12]} unreadable ({type(exc).__name__}); rebuilding it")
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
