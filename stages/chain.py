@@ -10,10 +10,12 @@ A chain recipe:
       dpo: {stage: dpo, recipe: dpo.yaml, with: {model_name_or_path: {from: sft}}}
       eval: {stage: evaluate, with: {policy: {from: dpo}, reference: {from: sft}, judge: {from: rm}}}
 
-Every stage writes to RUN_DIR/NAME. Before a stage starts its inputs are checked (complete, same chat
-template). A stage whose output is complete and whose recipe, overrides and inputs are unchanged is
-skipped; a change re-runs it and, through the input fingerprints, everything after it. An interrupted
-stage resumes from its last checkpoint (the stage scripts do that themselves).
+Every stage writes to RUN_DIR/NAME (a plain folder name inside run_dir). Before a stage starts its
+inputs are checked (complete, same chat template). A stage is skipped only when its own fingerprint
+(recipe values, data content, chat template, reward code, parent fingerprints: computed without
+loading a model) equals its finished output's; an edited dataset, template, verifier or base model
+re-runs it and, through the parent fingerprints, everything after it. An interrupted stage resumes from
+its last checkpoint (the stage does that itself). One chain at a time per run_dir (a lock).
 """
 from __future__ import annotations
 
@@ -27,14 +29,16 @@ from pathlib import Path
 
 import yaml
 
+from . import registry
 from .core import artifacts
 from .core.errors import ConfigError
+from .core.safety import Lock, check_stage_name
+from .core.secrets import scrub_argv
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINING_STAGES = {"sft", "rm", "dpo", "kto", "orpo", "ppo", "grpo", "rloo"}
-EVAL_STAGES = {"evaluate"}
+TRAINING_STAGES = set(registry.names("training"))
+EVAL_STAGES = set(registry.names("evaluation"))
 STAGE_KEYS = {"stage", "recipe", "with"}
-STATE = "chain_state.json"
 
 
 def load_chain(path: str | Path) -> dict:
@@ -53,8 +57,10 @@ def load_chain(path: str | Path) -> dict:
     if not isinstance(stages, dict) or not stages:
         raise ConfigError(f"{path}: stages: a mapping of stage names to {{stage, recipe, with}}")
     seen: list[str] = []
+    run_dir = Path(chain.get("run_dir") or f"runs/{path.stem}")
     for name, spec in stages.items():
         where = f"{path}: stages.{name}"
+        check_stage_name(name, run_dir if run_dir.is_absolute() else Path.cwd() / run_dir, where)
         if not isinstance(spec, dict) or "stage" not in spec:
             raise ConfigError(f"{where}: needs 'stage' (one of {', '.join(sorted(TRAINING_STAGES | EVAL_STAGES))})")
         if set(spec) - STAGE_KEYS:
@@ -108,13 +114,6 @@ def check_inputs(name: str, spec: dict, run_dir: Path) -> list[Path]:
     return inputs
 
 
-def stage_key(spec: dict, inputs: list[Path]) -> str:
-    """What a finished stage depends on: its recipe text, overrides and the fingerprints of its inputs."""
-    recipe = Path(spec["recipe"]).read_text() if spec.get("recipe") else ""
-    ups = [(artifacts.read_manifest(p) or {}).get("fingerprint") for p in inputs]
-    return artifacts.fingerprint({"stage": spec["stage"], "recipe": recipe, "with": spec.get("with"), "inputs": ups})
-
-
 def command_for(name: str, spec: dict, chain: dict, run_dir: Path) -> list[str]:
     out = run_dir / name
     overrides = {k: resolve(v, run_dir) for k, v in (spec.get("with") or {}).items()}
@@ -133,34 +132,71 @@ def command_for(name: str, spec: dict, chain: dict, run_dir: Path) -> list[str]:
         launch += ["--num_processes", str(chain.get("num_processes", 1)), "--num_machines", "1",
                    "--mixed_precision", "no", "--dynamo_backend", "no"]
     script = ROOT / "stages" / f"{spec['stage']}.py"
-    return [*launch, str(script), "--config", spec["recipe"], "--output_dir", str(out), "--force", "true", *flags]
+    return [*launch, str(script), "--config", spec["recipe"], "--output_dir", str(out), *flags]
+
+
+def stage_argv(cmd: list[str]) -> list[str]:
+    """The stage's own arguments inside its launch command (what its fingerprint is computed from)."""
+    for i, word in enumerate(cmd):
+        if word in ("--config", "--out"):
+            return cmd[i:]
+    return cmd
+
+
+def decide(name: str, spec: dict, cmd: list[str], out: Path) -> tuple[bool, str]:
+    """(run?, why): skipped only when the stage's fingerprint equals its finished output's."""
+    from .core import fingerprints
+    from .core.lifecycle import fingerprint_of
+
+    fp, components = fingerprint_of(spec["stage"], stage_argv(cmd))
+    m = artifacts.read_manifest(out)
+    if m is None:
+        return True, "not built yet"
+    if m.get("status") != artifacts.COMPLETE:
+        return True, "interrupted: resumes from its last checkpoint made from the same inputs"
+    if m.get("fingerprint") == fp:
+        return False, "complete and unchanged"
+    return True, "inputs changed: " + ", ".join(fingerprints.changed(m.get("inputs"), components))
 
 
 def run_chain(path: str | Path, *, dry_run: bool = False, only: list[str] | None = None) -> dict:
-    """Run (or skip) every stage in order. Returns {stage: "skipped"|"ran"}."""
+    """Run (or skip) every stage in order. Returns {stage: "skipped"|"ran"|"planned"}."""
     chain = load_chain(path)
     run_dir = Path(chain["run_dir"])
     if not run_dir.is_absolute():
         run_dir = (Path.cwd() / run_dir).resolve()
+    if dry_run:
+        return _run(chain, run_dir, dry_run=True, only=only)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state_path = run_dir / STATE
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    results = {}
+    with Lock(run_dir / ".chain.lock", f"run_dir {run_dir}"):
+        return _run(chain, run_dir, dry_run=False, only=only)
+
+
+def _run(chain: dict, run_dir: Path, *, dry_run: bool, only) -> dict:
+    results: dict[str, str] = {}
     names = list(chain["stages"])
     for i, name in enumerate(names, 1):
         spec = chain["stages"][name]
         if only and name not in only:
             continue
-        inputs = check_inputs(name, spec, run_dir)
-        key = stage_key(spec, inputs)
+        tag = f"[chain {i}/{len(names)}] {name}"
+        upstream = [v["from"] for v in (spec.get("with") or {}).values()
+                    if isinstance(v, dict) and "from" in v and results.get(v["from"]) == "planned"]
         out = run_dir / name
-        done = artifacts.is_complete(out) if spec["stage"] in TRAINING_STAGES else (out / "report.json").is_file()
-        if done and state.get(name) == key:
-            print(f"[chain {i}/{len(names)}] {name}: complete and unchanged, skipped", flush=True)
+        cmd = command_for(name, spec, chain, run_dir)
+        if upstream:  # a dry run cannot fingerprint a stage whose parent is not built yet
+            print(f"{tag}: would run (after {', '.join(upstream)})", flush=True)
+            results[name] = "planned"
+            continue
+        check_inputs(name, spec, run_dir)
+        run, why = decide(name, spec, cmd, out)
+        if not run:
+            print(f"{tag}: {why}, skipped", flush=True)
             results[name] = "skipped"
             continue
-        cmd = command_for(name, spec, chain, run_dir)
-        print(f"[chain {i}/{len(names)}] {name}: {shlex.join(cmd)}", flush=True)
+        if out.exists() or (out.parent / f".{out.name}.work").exists():
+            cmd += ["--force"] if spec["stage"] in EVAL_STAGES else ["--force", "true"]  # replaces only this stage's own output
+        print(f"{tag}: {'would run' if dry_run else 'runs'} ({why}): {shlex.join(scrub_argv(cmd))}", flush=True)
         if dry_run:
             results[name] = "planned"
             continue
@@ -170,9 +206,7 @@ def run_chain(path: str | Path, *, dry_run: bool = False, only: list[str] | None
         if proc.returncode != 0:
             raise ConfigError(f"stage '{name}' failed (exit {proc.returncode}); fix the problem and re-run: "
                               "finished stages are skipped and this one resumes from its last checkpoint")
-        state[name] = key
-        artifacts.write_json(state_path, state)
-        print(f"[chain {i}/{len(names)}] {name}: done in {time.time() - t0:.0f} s", flush=True)
+        print(f"{tag}: done in {time.time() - t0:.0f} s", flush=True)
         results[name] = "ran"
     return results
 

@@ -4,26 +4,20 @@ from __future__ import annotations
 import importlib
 import sys
 
-# name -> (module, function, one-line help)
-COMMANDS = {
+from . import registry
+
+# name -> (module, function, one-line help); every stage comes from the registry (stages/registry.py)
+TOOLS = {
     "run": ("stages.chain", "cli", "run a chain of stages (no argument: the built-in demo chain)"),
     "lineage": ("stages.lineage", "main", "print a stage output's lineage back to the base model"),
-    "sft": ("stages.sft", "cli", "supervised fine-tuning stage (same flags as stages/sft.py)"),
-    "rm": ("stages.rm", "cli", "reward-model stage on preference pairs"),
-    "dpo": ("stages.dpo", "cli", "DPO stage (and its loss family: ipo, hinge, robust, ...)"),
-    "kto": ("stages.kto", "cli", "KTO stage on unpaired preference data"),
-    "orpo": ("stages.orpo", "cli", "ORPO stage (reference-free)"),
     "winrate": ("reward.winrate_cli", "main", "preference win rate of a policy vs a reference, with a report"),
-    "evaluate": ("stages.evaluate", "cli", "win-rate evaluation stage (as winrate, --out required; used by chains)"),
-    "ppo": ("stages.ppo", "cli", "PPO stage (reward model and/or rule rewards; one base, four roles with LoRA)"),
-    "grpo": ("stages.grpo", "cli", "GRPO stage (TRL GRPOTrainer) with reward model and/or rule rewards"),
-    "rloo": ("stages.rloo", "cli", "RLOO stage (TRL RLOOTrainer) with reward model and/or rule rewards"),
     "plan": ("stages.plan", "main", "per-GPU memory for DDP / ZeRO-2 / ZeRO-3 / offload and the launch config to pick"),
     "score": ("reward.score_cli", "main", "score a JSONL of prompt/response rows with a reward model or rule"),
     "export": ("stages.export", "cli", "merge a stage output into a standalone safetensors model (transformers/vLLM/TGI)"),
     "chat": ("stages.chat", "cli", "chat with a stage output or export in the terminal (--prompt for one reply)"),
     "demo-data": ("stages.core.demo", "cli", "write the built-in demo datasets as JSONL files"),
 }
+COMMANDS = {**{n: (s.module, "cli", s.help) for n, s in registry.STAGES.items()}, **TOOLS}
 
 USAGE = """usage: rlhf COMMAND [ARGS...]
 

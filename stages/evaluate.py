@@ -71,36 +71,65 @@ def _judge_fingerprint(spec: str):
 
     head, sep, rest = spec.partition(":")
     target = rest if sep and head in ("rm", "llm", "rule") else spec
-    return {"spec": spec, "target": model_fingerprint(target) if Path(target).exists() else None}
+    from stages.core.secrets import redact_text
+
+    return {"spec": redact_text(spec), "target": model_fingerprint(target) if Path(target).exists() else None}
 
 
-def main(argv=None) -> dict:
-    """Run the evaluation; returns the report dict (also written to --out)."""
-    from reward import report as R
-    from reward.generate import Decoding, cached_generate, model_fingerprint
+def _inputs(argv):
+    """Parse, check the judge, load the prompts and name everything the result depends on (no model loads)."""
+    from reward.generate import Decoding, model_fingerprint
     from reward.judges import resolve_judge
-    from reward.winrate import compare, is_demo_prompts
-    from stages.core import artifacts
+    from stages.core.fingerprints import reward_source_key
 
     args = build_parser().parse_args(argv) if not isinstance(argv, argparse.Namespace) else argv
     if args.n_bootstrap < 1:
         raise ConfigError("--n_bootstrap must be positive")
-    out = Path(args.out).expanduser()
     decoding = Decoding(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                         seed=args.seed, batch_size=args.batch_size)
     make_judge = resolve_judge(args.judge)  # a bad spec fails now, before any generation
     prompts, prompt_info = load_prompts(args.prompts, seed=args.seed, max_prompts=args.max_prompts)
     S.log(STAGE, f"{len(prompts)} prompts from {args.prompts}")
-    fp = artifacts.fingerprint({"policy": model_fingerprint(args.policy), "reference": model_fingerprint(args.reference),
-                                "judge": _judge_fingerprint(args.judge), "prompts": prompt_info["fingerprint"],
-                                "n": len(prompts), "decoding": asdict(decoding), "n_bootstrap": args.n_bootstrap})
-    done = artifacts.read_manifest(out)
-    if done and done.get("status") == artifacts.COMPLETE and done.get("fingerprint") == fp \
-            and (out / "report.json").is_file() and not args.force:
-        S.log(STAGE, f"{out} is complete with the same models, judge, prompts and decoding; nothing to do")
-        return json.loads((out / "report.json").read_text())
+    components = {"stage": STAGE, "policy": model_fingerprint(args.policy), "reference": model_fingerprint(args.reference),
+                  "judge": _judge_fingerprint(args.judge), "prompts": prompt_info["fingerprint"], "n": len(prompts),
+                  "decoding": asdict(decoding), "n_bootstrap": args.n_bootstrap,
+                  "verifier_code": reward_source_key("demo_verifier")}
+    return args, prompts, prompt_info, decoding, make_judge, components
+
+
+def fingerprint_for(argv) -> tuple[str, dict]:
+    from stages.core import fingerprints
+
+    components = _inputs(argv)[-1]
+    return fingerprints.of(components), components
+
+
+def main(argv=None) -> dict:
+    """Run the evaluation; returns the report dict (also written to --out)."""
+    args, prompts, prompt_info, decoding, make_judge, components = _inputs(argv)
+    from stages.core.lifecycle import StageRun
+    from stages.core.secrets import redact_text, scrub_argv
+
+    out = Path(args.out).expanduser()
+    judge_path = args.judge.partition(":")[2] if args.judge.partition(":")[0] in ("rm", "llm", "rule") else args.judge
+    # an evaluation with other inputs replaces the previous one in --out (its generation cache is reused)
+    with StageRun(STAGE, output_dir=out, components=components, force=True,
+                  inputs=[args.policy, args.reference, judge_path, args.prompts]) as run:
+        if run.done and not args.force and (out / "report.json").is_file():
+            return json.loads((out / "report.json").read_text())
+        return _evaluate(run, args, prompts, prompt_info, decoding, make_judge, redact_text, scrub_argv)
+
+
+def _evaluate(run, args, prompts, prompt_info, decoding, make_judge, redact_text, scrub_argv) -> dict:
+    from reward import report as R
+    from reward.generate import cached_generate
+    from reward.winrate import compare, is_demo_prompts
+    from stages.core import artifacts
+
+    out, fp = run.output_dir, run.fingerprint
     out.mkdir(parents=True, exist_ok=True)
-    (out / artifacts.MANIFEST).unlink(missing_ok=True)  # a crash below must not leave an old "complete" behind
+    # a crash below must not leave an old "complete" behind; the folder stays recognisably this stage's
+    artifacts.write_json(out / artifacts.MANIFEST, {"status": "running", "stage": STAGE, "fingerprint": fp})
     started = time.time()
 
     cache = out / "generations"
@@ -120,7 +149,7 @@ def main(argv=None) -> dict:
     stats = result["stats"]
     report = {
         "policy": str(args.policy), "reference": str(args.reference),
-        "judge": {"spec": args.judge, "name": judge.name}, "prompts": prompt_info, "decoding": asdict(decoding),
+        "judge": {"spec": redact_text(args.judge), "name": redact_text(judge.name)}, "prompts": prompt_info, "decoding": asdict(decoding),
         "bootstrap": {"n_boot": args.n_bootstrap, "seed": args.seed, "level": 0.95},
         "stats": stats.to_dict(), "length_unit": "tokens", "headline": stats.headline(),
         "verifier": result["verifier"], "judge_details": result["judge_details"],
@@ -130,10 +159,10 @@ def main(argv=None) -> dict:
     }
     paths = R.write_report(out, report)
     artifacts.write_json(out / artifacts.MANIFEST, {
-        "status": artifacts.COMPLETE, "stage": STAGE, "fingerprint": fp, "policy": str(args.policy),
-        "reference": str(args.reference), "judge": args.judge, "prompts": prompt_info,
+        "status": artifacts.COMPLETE, "stage": STAGE, "fingerprint": fp, "inputs": run.components,
+        "policy": str(args.policy), "reference": str(args.reference), "judge": redact_text(args.judge), "prompts": prompt_info,
         "metrics": {k: report["stats"][k] for k in ("win_rate", "tie_rate", "wilson", "bootstrap", "lc_win_rate")},
-        "command": " ".join(sys.argv), "packages": artifacts.package_versions(), "git_commit": artifacts.git_commit(),
+        "command": " ".join(scrub_argv(sys.argv)), "packages": artifacts.package_versions(), "git_commit": artifacts.git_commit(),
         "duration_s": round(time.time() - started, 1)})
     S.log(STAGE, stats.headline())
     if result["verifier"]:

@@ -52,8 +52,12 @@ def adapter_type(path) -> str | None:
 def task_of(path) -> str:
     """causal_lm, or seq_cls for a reward model (adapter task type, manifest or config architecture)."""
     p = Path(path)
+    from stages.registry import model_task_of_manifest
+
     acfg, man, cfg = adapter_config(p), read_json(p / "manifest.json"), read_json(p / "config.json")
-    if (acfg or {}).get("task_type") == "SEQ_CLS" or (man or {}).get("task") == "reward_model":
+    if model_task_of_manifest(man):
+        return model_task_of_manifest(man)
+    if (acfg or {}).get("task_type") == "SEQ_CLS":
         return "seq_cls"
     if any(a.endswith("ForSequenceClassification") for a in (cfg or {}).get("architectures") or []):
         return "seq_cls"
@@ -250,11 +254,21 @@ def check_source(path: str) -> tuple[Path, dict]:
     return src.resolve(), manifest or {}
 
 
-def check_target(out: Path, force: bool) -> None:
+def check_target(out: Path, force: bool, src: Path | None = None) -> None:
+    """--force replaces only a previous export (one with export.json), never the source or a folder holding it."""
+    if out.is_symlink():
+        raise ConfigError(f"--out {out}: is a symbolic link; give the real directory")
+    out = out.resolve()
+    if src is not None and (out == src or out in src.parents):
+        raise ConfigError(f"--out {out}: contains the stage output {src}; choose another directory")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ConfigError(f"--out {out}: not empty; choose another directory or pass --force to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "export.json").is_file():
+            raise ConfigError(f"--out {out}: holds files that are not an export (no export.json); nothing there is "
+                              "touched: choose another directory")
+        if not force:
+            raise ConfigError(f"--out {out}: holds a previous export; pass --force to replace it")
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
@@ -289,7 +303,7 @@ def main(argv=None) -> Path:
     out = Path(args.out).expanduser().resolve()
     if out == src or src in out.parents:
         raise ConfigError(f"--out {out}: must not be inside the stage output {src}")
-    check_target(out, args.force)
+    check_target(out, args.force, src)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     try:

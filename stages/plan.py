@@ -163,14 +163,24 @@ def launch_config(option: str, total_gpus: int) -> str:
     return f"launch/accelerate/{name}.yaml"
 
 
+def profile_of(stage: str) -> str:
+    """The memory profile of a registry stage: sft (one sequence), rm (pairs, scalar head), dpo (pairs + reference)."""
+    from stages import registry
+
+    profile = registry.get(stage).plan_profile
+    if profile is None:
+        planned = [n for n, s in registry.STAGES.items() if s.plan_profile]
+        raise ConfigError(f"--stage: {stage} has no memory model; one of {', '.join(planned)}")
+    return profile
+
+
 def plan(model: str, *, gpus: int, gpu_mem_gib: float, method: str, nodes: int = 1, stage: str = "sft",
          seq_len: int = 2048, batch: int = 1, checkpointing: bool = True, lora_r: int = 16,
          weights_dtype: str = "bf16", trust_remote_code: bool = False, shape: Shape | None = None) -> dict:
     """The estimate for each option and the launch config to pick (the fastest that fits)."""
     if method not in ("full", "lora", "qlora"):
         raise ConfigError(f"--method: full, lora or qlora, got {method!r}")
-    if stage not in ("sft", "rm", "dpo"):
-        raise ConfigError(f"--stage: sft, rm or dpo, got {stage!r}")
+    stage = profile_of(stage)
     if gpus < 1 or nodes < 1 or gpu_mem_gib <= 0 or seq_len < 1 or batch < 1:
         raise ConfigError("--gpus, --nodes, --gpu-mem, --seq-len and --batch must be positive")
     shape = shape or model_shape(load_config(model, trust_remote_code), trust_remote_code)
@@ -237,7 +247,9 @@ def main(argv=None) -> int:
     ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU in GiB (e.g. 80)")
     ap.add_argument("--method", default="full", choices=["full", "lora", "qlora"])
-    ap.add_argument("--stage", default="sft", choices=["sft", "rm", "dpo"])
+    from stages import registry
+
+    ap.add_argument("--stage", default="sft", choices=[n for n, s in registry.STAGES.items() if s.plan_profile])
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=1, help="per-device micro-batch")
     ap.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false")

@@ -26,36 +26,33 @@ STAGE = "ppo"
 
 
 def main(argv=None, callbacks=None):
-    import json
+    from stages.core.lifecycle import StageRun
 
+    with StageRun(STAGE, argv) as run:
+        if run.done:
+            return run.output_dir
+        return train(run, callbacks)
+
+
+def train(run, callbacks=None):
     from transformers import set_seed
 
     from stages.core import artifacts
-    from stages.core.artifacts import StageOutput
     from stages.core.errors import ConfigError
     from stages.core.policy import build_policy, trainable_summary
     from stages.core.ppo import rewards as RW
-    from stages.core.ppo.artifact import save_ppo_artifact
-    from stages.core.ppo.config import PPOConfig
+    from stages.core.ppo.artifact import save_policy
     from stages.core.ppo.roles import build_roles
     from stages.core.ppo.trainer import PPOTrainer, make_accelerator
 
-    args = S.parse_stage(PPOConfig, argv)
+    args, data = run.args, run.data
     cfg = args.training
-    out = StageOutput(cfg.output_dir, STAGE)
     if args.run.early_stopping_patience:
         raise ConfigError("early_stopping_patience: not supported by PPO (it has no validation loss)")
     RW._required(cfg)
-
-    data = S.load_stage_data(args, task="prompt")
-    S.log(STAGE, data.report.summary())
     rm_parent = artifacts.parent_info(cfg.reward_model) if cfg.reward_model else None
-    fp = artifacts.fingerprint({"stage": S.stage_fingerprint(args, data.report.to_dict()),
-                                "reward_model": (rm_parent or {}).get("fingerprint")})
-    if S.check_existing(out, fp, args.run.force, STAGE):
-        return out.output_dir
 
-    S.prepare_training(args, out, STAGE)
+    run.prepare()
     set_seed(cfg.seed)
     accelerator = make_accelerator(cfg)
     ds = getattr(accelerator.state, "deepspeed_plugin", None)
@@ -71,25 +68,18 @@ def main(argv=None, callbacks=None):
         S.log(STAGE, "warning: no held-out prompts (eval_datasets or validation_fraction): no before/after reward")
     summary = trainable_summary(roles.actor_critic)  # before accelerate.prepare (ZeRO-3 partitions the weights)
     trainer = PPOTrainer(cfg, roles, policy.tokenizer, reward, [r["prompt"] for r in data.train], eval_prompts,
-                         accelerator=accelerator, checkpoints=out.checkpoints, logs=out.logs, fingerprint=fp,
-                         callbacks=callbacks or [], log=lambda m: S.log(STAGE, m))
+                         accelerator=accelerator, checkpoints=run.out.checkpoints, logs=run.out.logs,
+                         fingerprint=run.fingerprint, callbacks=callbacks or [], log=lambda m: S.log(STAGE, m))
     S.log(STAGE, f"{roles.mode} mode ({policy.method}): {summary['trainable_params']:,} trainable of "
                  f"{summary['total_params']:,} parameters; " + "; ".join(f"{k}: {v}" for k, v in roles.info.items()))
     S.log(STAGE, f"{trainer.total_updates} updates x {trainer.global_batch} prompts; "
                  f"{trainer.prompt_lengths.trimmed} of {trainer.prompt_lengths.rows} training prompts trimmed to "
                  f"max_prompt_length {cfg.max_prompt_length}")
 
-    cache = out.work / "start_metrics.json"  # the starting policy (= reference), cached across resumes
-    if cache.is_file():
-        start = json.loads(cache.read_text())
-    else:
-        start = trainer.evaluate(role="reference")
-        if accelerator.is_main_process:
-            artifacts.write_json(cache, start)
+    start = run.cached("start", lambda: trainer.evaluate(role="reference"))  # the starting policy (= reference)
     if start:
         S.log(STAGE, f"held-out mean reward before training: {start['mean_reward']:.4f}")
-    resume = out.last_checkpoint()
-    trainer.train(resume_from=resume)
+    trainer.train(resume_from=run.resume_from)
     final = trainer.evaluate(role="policy")
     if start and final:
         S.log(STAGE, f"held-out mean reward: start {start['mean_reward']:.4f} -> final {final['mean_reward']:.4f}; "
@@ -99,11 +89,14 @@ def main(argv=None, callbacks=None):
                "reward_gain": (final["mean_reward"] - start["mean_reward"]) if start and final else None,
                "kl_to_reference": final.get("kl_to_reference") if final else None,
                "prompt_lengths": trainer.prompt_lengths.to_dict(), "peak_memory_mb": _peak_memory_mb()}
-    manifest = S.base_manifest(args, policy, data, fp, summary) | {
-        "metrics": metrics, "task": "ppo", "memory_mode": roles.mode, "roles": roles.info, "value_init": roles.value_init,
-        "reward": {"reward_model": cfg.reward_model, "reward_model_parent": rm_parent, "rules": cfg.reward,
-                   "reward_model_weight": cfg.reward_model_weight}}
-    return save_ppo_artifact(trainer, policy, out, manifest, STAGE, args.run.keep_checkpoints)
+    manifest = run.manifest(policy, summary, metrics=metrics, task="ppo", memory_mode=roles.mode, roles=roles.info,
+                            value_init=roles.value_init,
+                            reward={"reward_model": cfg.reward_model, "reward_model_parent": rm_parent,
+                                    "rules": cfg.reward, "reward_model_weight": cfg.reward_model_weight})
+    accelerator.wait_for_everyone()
+    save_policy(trainer, policy, run.out.staging)
+    accelerator.wait_for_everyone()
+    return run.save(policy, manifest, trainer.history) if accelerator.is_main_process else None
 
 
 def _peak_memory_mb() -> dict:

@@ -24,22 +24,23 @@ STAGE = "rm"
 
 
 def main(argv=None):
-    from trl import RewardConfig, RewardTrainer
+    from stages.core.lifecycle import StageRun
 
-    from stages.core.artifacts import StageOutput
+    with StageRun(STAGE, argv) as run:
+        if run.done:
+            return run.output_dir
+        return train(run)
+
+
+def train(run):
+    from trl import RewardTrainer
+
     from stages.core.encode import encode_preference
     from stages.core.policy import build_policy, trainable_summary
 
-    args = S.parse_stage(RewardConfig, argv, stage=STAGE)
-    out = StageOutput(args.training.output_dir, STAGE)
-
+    args, data = run.args, run.data
     policy = build_policy(args.model, args.policy, args.training, task="seq_cls", num_labels=1)
-    data = S.load_stage_data(args, task="preference")
-    S.log(STAGE, data.report.summary())
     S.checkpointing_for_memory(args, policy.model, STAGE, rows_per_example=2)
-    fp = S.stage_fingerprint(args, data.report.to_dict())
-    if S.check_existing(out, fp, args.run.force, STAGE):
-        return out.output_dir
 
     max_len, on_long = args.training.max_length, args.data.on_long
     train_ds, train_len = S.encode_split(encode_preference, data, "train", policy.tokenizer, args, STAGE,
@@ -51,20 +52,17 @@ def main(argv=None):
                                            max_length=max_len, on_long=on_long, source="validation")
         S.log(STAGE, eval_len.summary("validation"))
 
-    S.prepare_training(args, out, STAGE)
+    run.prepare()
     trainer = RewardTrainer(model=policy.model, args=args.training, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=policy.tokenizer, peft_config=policy.peft_config,
-                            callbacks=S.callbacks(args))
+                            callbacks=run.callbacks())
     S.log_fast_paths(trainer, STAGE, lm_head=False)
     summary = trainable_summary(trainer.model)
     S.log(STAGE, f"{policy.method}: {summary['trainable_params']:,} trainable of {summary['total_params']:,} "
                  f"parameters ({summary['trainable_pct']:.2f}%)")
 
-    start = S.evaluate_start(trainer, out, STAGE) if eval_ds is not None else None
-    resume = out.last_checkpoint()
-    if resume:
-        S.log(STAGE, f"resuming from {resume}")
-    trainer.train(resume_from_checkpoint=resume)
+    start = run.evaluate_before(trainer, "start", disable_adapter=False)
+    run.train(trainer)
     final = trainer.evaluate() if eval_ds is not None else {}
     if start and final:
         S.log(STAGE, f"held-out pair accuracy: start {start['start_accuracy']:.3f} -> final {final['eval_accuracy']:.3f}; "
@@ -72,8 +70,9 @@ def main(argv=None):
 
     metrics = {"start": start, "final": final,
                "lengths": {"train": train_len.to_dict(), "validation": eval_len.to_dict() if eval_len else None}}
-    manifest = S.base_manifest(args, policy, data, fp, summary) | {"metrics": metrics, "task": "reward_model"}
-    return S.save_artifact(trainer, policy, out, manifest, STAGE, args.run.keep_checkpoints)
+    # max_length is the context the head was trained on: scoring uses it (reward/model.py)
+    manifest = run.manifest(policy, summary, metrics=metrics, task="reward_model", max_length=max_len)
+    return run.save_trainer(trainer, policy, manifest)
 
 
 def cli(argv=None) -> int:

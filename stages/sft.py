@@ -42,24 +42,25 @@ def padding_free_default(args, method: str) -> bool:
 
 
 def main(argv=None):
-    from trl import SFTConfig, SFTTrainer
+    from stages.core.lifecycle import StageRun
 
-    from stages.core.artifacts import StageOutput
-    from stages.core.policy import build_policy, trainable_summary
+    with StageRun(STAGE, argv) as run:
+        if run.done:
+            return run.output_dir
+        return train(run)
+
+
+def train(run):
+    from trl import SFTTrainer
+
     from stages.core import fastpath
     from stages.core.encode import encode_sft
+    from stages.core.policy import build_policy, trainable_summary
 
-    args = S.parse_stage(SFTConfig, argv, stage=STAGE)
-    out = StageOutput(args.training.output_dir, STAGE)
-
+    args, data = run.args, run.data
     policy = build_policy(args.model, args.policy, args.training)
-    data = S.load_stage_data(args, task="sft")
-    S.log(STAGE, data.report.summary())
-    args.training.padding_free = padding_free_default(args, policy.method)  # resolved before the fingerprint
+    args.training.padding_free = padding_free_default(args, policy.method)  # derived: not in the fingerprint
     S.checkpointing_for_memory(args, policy.model, STAGE)
-    fp = S.stage_fingerprint(args, data.report.to_dict())
-    if S.check_existing(out, fp, args.run.force, STAGE):
-        return out.output_dir
 
     max_len, d = args.training.max_length, args.data
     train_ds, train_len = S.encode_split(encode_sft, data, "train", policy.tokenizer, args, STAGE, max_length=max_len,
@@ -71,14 +72,14 @@ def main(argv=None):
                                            loss_on=d.loss_on, on_long=d.on_long, source="validation")
         S.log(STAGE, eval_len.summary("validation"))
 
-    S.prepare_training(args, out, STAGE)
+    run.prepare()
     t = args.training
     if t.padding_free and not t.packing:
         t.max_length = None  # rows are already fitted to max_length above; TRL wants None here
     with fastpath.during_init(SFTTrainer, bf16=t.bf16):
         trainer = SFTTrainer(model=policy.model, args=t, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=policy.tokenizer, peft_config=policy.peft_config,
-                             callbacks=S.callbacks(args))
+                             callbacks=run.callbacks())
     t.max_length = max_len
     S.log_fast_paths(trainer, STAGE)
     S.log(STAGE, "batches: " + ("packed" if t.packing else "padding-free (sequences concatenated, no pad tokens)"
@@ -87,19 +88,15 @@ def main(argv=None):
     S.log(STAGE, f"{policy.method}: {summary['trainable_params']:,} trainable of {summary['total_params']:,} "
                  f"parameters ({summary['trainable_pct']:.2f}%)")
 
-    base = S.evaluate_base(trainer, out, STAGE) if args.run.compare_with_base else None
-    resume = out.last_checkpoint()
-    if resume:
-        S.log(STAGE, f"resuming from {resume}")
-    trainer.train(resume_from_checkpoint=resume)
+    base = run.evaluate_before(trainer, "base", disable_adapter=True) if args.run.compare_with_base else None
+    run.train(trainer)
     final = trainer.evaluate() if eval_ds is not None else {}
 
     metrics = {"base": base, "final": final, "best_eval_loss": S.best_eval(trainer.state.log_history),
                "lengths": {"train": train_len.to_dict(), "validation": eval_len.to_dict() if eval_len else None}}
     if base and final:
         S.log(STAGE, f"validation loss (response tokens): base {base['base_loss']:.4f} -> final {final['eval_loss']:.4f}")
-    manifest = S.base_manifest(args, policy, data, fp, summary) | {"metrics": metrics}
-    return S.save_artifact(trainer, policy, out, manifest, STAGE, args.run.keep_checkpoints)
+    return run.save_trainer(trainer, policy, run.manifest(policy, summary, metrics=metrics))
 
 
 def cli(argv=None) -> int:

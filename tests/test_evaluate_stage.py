@@ -150,7 +150,7 @@ def test_rlhf_winrate_main_end_to_end(lora_policy, prompt_reference, capsys):
     assert out == lora_policy.parent / "winrate-dpo-vs-sft"
     rep = json.loads((out / "report.json").read_text())
     st = rep["stats"]
-    assert f"win rate {st['win_rate']:.3f}  95% CI {st['wilson'][0]:.3f}-{st['wilson'][1]:.3f}" in printed
+    assert f"win rate {st['win_rate']:.3f}  95% CI {st['interval'][0]:.3f}-{st['interval'][1]:.3f}" in printed
     assert "verifier pass rate" in printed and str(out / "report.md") in printed
 
 
@@ -171,8 +171,10 @@ def test_winrate_callback_runs_during_a_tiny_sft_training(tiny_llama, tmp_path, 
 
     cb = WinRateCallback("demo:prompts", judge="verifier", every=1, max_prompts=4,
                          decoding=G.Decoding(max_new_tokens=6), out_dir=tmp_path / "wr", n_boot=200)
-    orig = S.callbacks
-    monkeypatch.setattr(S, "callbacks", lambda args: orig(args) + [cb])
+    from stages.core.lifecycle import StageRun
+
+    orig = StageRun.callbacks
+    monkeypatch.setattr(StageRun, "callbacks", lambda self: orig(self) + [cb])
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "sft"
     sft.main(["--config", str(root / "recipes/tiny/sft.yaml"), "--model_name_or_path", str(tiny_llama),

@@ -241,14 +241,25 @@ def test_full_model_output_exports_with_cache_on_and_bf16(tiny_llama, tmp_path):
     torch.testing.assert_close(plain_logits(out).float(), plain_logits(tiny_llama), atol=0.1, rtol=0.05)
 
 
-def test_refuses_a_non_empty_out_unless_forced_and_never_leaves_a_partial_export(tiny_llama, tmp_path, monkeypatch):
+def test_force_replaces_only_a_previous_export_and_never_a_user_folder_or_the_source(tiny_llama, tmp_path, monkeypatch):
     run = make_adapter_output(tiny_llama, tmp_path / "sft", lora())
     out = tmp_path / "exported"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="not empty"):
+    for flags in ([], ["--force"]):  # a folder the suite did not write survives, with or without --force
+        with pytest.raises(ConfigError, match="not an export"):
+            export.main([str(run), "--out", str(out), *flags])
+        assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(ConfigError, match="contains the stage output"):  # the parent of the source
+        export.main([str(run), "--out", str(tmp_path), "--force"])
+    assert (run / "manifest.json").is_file()
+    (out / "keep.txt").unlink()
+    out.rmdir()
+
+    export.main([str(run), "--out", str(out)])
+    first = (out / "export.json").read_text()
+    with pytest.raises(ConfigError, match="previous export"):  # a previous export needs --force
         export.main([str(run), "--out", str(out)])
-    assert (out / "keep.txt").read_text() == "mine"
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
@@ -256,11 +267,11 @@ def test_refuses_a_non_empty_out_unless_forced_and_never_leaves_a_partial_export
     monkeypatch.setattr(export, "save_standalone", boom)
     with pytest.raises(RuntimeError):
         export.main([str(run), "--out", str(out), "--force"])
-    assert (out / "keep.txt").is_file()  # the old content survives a failed export
+    assert (out / "export.json").read_text() == first  # the old export survives a failed one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "sft"]  # no temp dir left
     monkeypatch.undo()
     export.main([str(run), "--out", str(out), "--force"])
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "sft"]
 
 

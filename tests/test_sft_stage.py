@@ -59,7 +59,7 @@ def test_rerun_with_same_config_skips_and_changed_config_refuses(trained, tiny_l
     run_sft(tiny_llama, trained)
     assert "nothing to do" in capsys.readouterr().out
     assert (trained / "manifest.json").read_text() == before
-    with pytest.raises(ConfigError, match="different config"):
+    with pytest.raises(ConfigError, match="different inputs.*learning_rate"):
         run_sft(tiny_llama, trained, "--learning_rate", "0.001")
 
 
@@ -75,8 +75,10 @@ def test_interrupted_run_leaves_no_artifact_and_resumes(tiny_llama, tmp_path, mo
             if state.global_step == 4:
                 raise _Crash()
 
-    orig = S.callbacks
-    monkeypatch.setattr(S, "callbacks", lambda args: orig(args) + [CrashAfter()])
+    from stages.core.lifecycle import StageRun
+
+    orig = StageRun.callbacks
+    monkeypatch.setattr(StageRun, "callbacks", lambda self: orig(self) + [CrashAfter()])
     out = tmp_path / "sft"
     with pytest.raises(_Crash):
         run_sft(tiny_llama, out)
@@ -89,7 +91,7 @@ def test_interrupted_run_leaves_no_artifact_and_resumes(tiny_llama, tmp_path, mo
         def on_step_end(self, args, state, control, **kw):
             FirstStep.first = FirstStep.first or state.global_step
 
-    monkeypatch.setattr(S, "callbacks", lambda args: orig(args) + [FirstStep()])
+    monkeypatch.setattr(StageRun, "callbacks", lambda self: orig(self) + [FirstStep()])
     run_sft(tiny_llama, out)
     assert FirstStep.first == 4  # training continued from checkpoint-3, not from scratch
     assert manifest(out)["status"] == "complete"

@@ -85,23 +85,38 @@ class StageOutput:
         self.logs = self.work / "logs"
         self.staging = self.work / "staging"
 
-    def prepare(self) -> None:
+    def prepare(self, *, main: bool = True) -> None:
+        """Create the work dirs. Only the main process deletes (a stale staging dir); other ranks only create."""
         for d in (self.checkpoints, self.logs):
             d.mkdir(parents=True, exist_ok=True)
+        if not main:
+            return
         if self.staging.exists():  # a crash during a previous finalisation: start the artifact afresh
             shutil.rmtree(self.staging)
         self.staging.mkdir(parents=True)
 
-    def last_checkpoint(self) -> str | None:
-        """The newest *complete* checkpoint. The trainer writes trainer_state.json last, so a checkpoint
-        without it was cut short (e.g. the process was killed while saving) and is skipped."""
+    @property
+    def lock_path(self) -> Path:
+        return self.output_dir.parent / f".{self.output_dir.name}.lock"
+
+    def checkpoints_newest_first(self) -> list[Path]:
+        """Complete checkpoints, newest first. The trainer writes trainer_state.json last, so a checkpoint
+        without it (or with a damaged one) was cut short, e.g. by a kill while saving, and is skipped."""
         if not self.checkpoints.is_dir():
-            return None
+            return []
         found = [p for p in self.checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+        complete = []
         for p in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
-            if (p / "trainer_state.json").is_file():
-                return str(p)
-        return None
+            try:
+                json.loads((p / "trainer_state.json").read_text())
+            except (OSError, ValueError):
+                continue
+            complete.append(p)
+        return complete
+
+    def last_checkpoint(self) -> str | None:
+        found = self.checkpoints_newest_first()
+        return str(found[0]) if found else None
 
     def existing(self) -> dict | None:
         """The manifest of a finished output at this path, if there is one."""
@@ -114,11 +129,15 @@ class StageOutput:
         manifest = dict(manifest, status=COMPLETE, stage=self.stage,
                         started_at=_iso(self.started), finished_at=_iso(time.time()),
                         duration_s=round(time.time() - self.started, 1))
-        tmp = self.staging / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, self.staging / MANIFEST)
+        from .secrets import scrub
+
+        write_json(self.staging / MANIFEST, scrub(json.loads(json.dumps(manifest, default=str))), sort_keys=True)
         old = None
         if self.output_dir.exists():
+            prev = read_manifest(self.output_dir)
+            if not self.output_dir.is_dir() or (any(self.output_dir.iterdir()) and (prev or {}).get("stage") != self.stage):
+                raise RuntimeError(f"{self.output_dir} changed during the run and is not a {self.stage} output; "
+                                   f"the finished artifact stays in {self.staging}")
             old = self.work / "previous"
             if old.exists():
                 shutil.rmtree(old)
@@ -145,7 +164,16 @@ def parent_info(model_path: str) -> dict:
     return {"path": model_path, "stage": None, "fingerprint": None}
 
 
-def write_json(path: Path, obj) -> None:
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+def write_json(path: Path, obj, *, sort_keys: bool = False) -> None:
+    """Atomic write through a uniquely named temporary file (concurrent writers never share one)."""
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(obj, indent=2, default=str, sort_keys=sort_keys))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -12,10 +12,8 @@ import json
 import re
 from pathlib import Path
 
-# a key that ends in "token" (hub_token, access_token) or names a secret anywhere; metric names such as
-# mean_token_accuracy or num_tokens are not secrets, nor are the tokenizer's special tokens
-SECRET = re.compile(r"token$|secret|password|passwd|api_?key|credential|private_key", re.I)
-NOT_SECRET = {"pad_token", "eos_token", "bos_token", "unk_token", "sep_token", "cls_token", "mask_token"}
+from .secrets import is_secret, scrub, scrub_command  # noqa: F401  (re-exported: cards use them)
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HYPERPARAMETERS = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
                    "gradient_accumulation_steps", "per_device_eval_batch_size", "max_length", "lr_scheduler_type",
@@ -27,36 +25,6 @@ METHOD_KEYS = {"lora": ("lora_r", "lora_alpha", "lora_dropout", "lora_target_mod
                "ia3": ("ia3_target_modules",), "adapters": ("adapter_size", "adapter_placement", "adapter_non_linearity")}
 METHOD_KEYS["dora"] = METHOD_KEYS["qlora"] = METHOD_KEYS["lora"] + ("qlora_bits",)
 NOISE = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time", "num_tokens", "epoch")
-
-
-def is_secret(key) -> bool:
-    return str(key) not in NOT_SECRET and bool(SECRET.search(str(key)))
-
-
-def scrub(obj):
-    """A copy without any mapping key that names a secret."""
-    if isinstance(obj, dict):
-        return {k: scrub(v) for k, v in obj.items() if not is_secret(k)}
-    if isinstance(obj, list):
-        return [scrub(v) for v in obj]
-    return obj
-
-
-def scrub_command(cmd: str) -> str:
-    """Mask the values of secret-looking flags (`--hub_token X`, `--api-key=X`) and token-like strings."""
-    words, out, mask_next = str(cmd).split(), [], False
-    for w in words:
-        if mask_next:
-            out.append("***")
-            mask_next = False
-            continue
-        flag = w.lstrip("-").split("=", 1)
-        if w.startswith("-") and is_secret(flag[0].replace("-", "_")):
-            out.append(f"{w.split('=', 1)[0]}=***" if len(flag) == 2 else w)
-            mask_next = len(flag) == 1
-            continue
-        out.append(re.sub(r"hf_[A-Za-z0-9]{20,}", "***", w))
-    return " ".join(out)
 
 
 def fmt(v) -> str:

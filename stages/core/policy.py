@@ -12,6 +12,7 @@ preference trainers then keep a frozen copy of them as the reference adapter.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,11 +103,20 @@ def load_model(name_or_path: str, *, task: str = "causal_lm", num_labels: int = 
     merged = PeftModel.from_pretrained(base, name_or_path, config=pcfg).merge_and_unload()
     merged.requires_grad_(True)  # PEFT froze the base while loading the adapter; the merged model is a plain model
     if quantization is not None:  # quantize the merged weights: never merge into 4-bit weights
-        cache = models.cache_dir() / "merged" / _dir_fingerprint(name_or_path)
-        if not (cache / "config.json").is_file():
-            tmp = cache.with_name(cache.name + ".tmp")
-            merged.save_pretrained(tmp, safe_serialization=True)
-            tmp.replace(cache) if not cache.exists() else None
+        cache = models.cache_dir() / "merged" / _merged_key(name_or_path, task, num_labels)
+        if not (cache / "config.json").is_file() and distributed_main():
+            import shutil
+            import tempfile
+
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}."))
+            try:
+                merged.save_pretrained(tmp, safe_serialization=True)
+                if not cache.exists():
+                    os.replace(tmp, cache)  # written once: a lost race keeps the winner's (identical) copy
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        _wait_for(cache / "config.json")
         merged = cls.from_pretrained(str(cache), quantization_config=quantization, **kwargs)
     return merged, origin, str(Path(name_or_path).resolve())
 
@@ -126,14 +136,39 @@ def _match_vocab(model, adapter_dir: str) -> None:
         model.resize_token_embeddings(len(tok))
 
 
-def _dir_fingerprint(path: str) -> str:
-    import hashlib
+def _merged_key(path: str, task: str, num_labels: int) -> str:
+    """The merged-base cache key: the model task (a reward model's merge is not a causal LM's), the adapter's
+    content and its base's content key."""
+    from .artifacts import fingerprint
+    from .fingerprints import dir_content_key, model_key
 
-    h = hashlib.sha256()
-    for f in sorted(Path(path).glob("*.safetensors")) + [Path(path) / "adapter_config.json"]:
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
+    base = adapter_config(path).get("base_model_name_or_path")
+    return fingerprint({"task": task, "num_labels": num_labels if task == "seq_cls" else None,
+                        "adapter": dir_content_key(Path(path)), "base": model_key(base)})
+
+
+def distributed_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _wait_for(path: Path, timeout: float = 1800) -> None:
+    """Other ranks wait for the main process's cache entry instead of writing their own."""
+    import time
+
+    deadline = time.time() + timeout
+    while not path.is_file():
+        if time.time() > deadline:
+            raise ModelError(f"timed out waiting for {path} (written by the main process)")
+        time.sleep(1)
+
+
+def frozen_reference(model):
+    """A frozen copy of the model as loaded: the reference for full-parameter preference/RL training."""
+    import copy
+
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
 
 
 def default_lora_targets(model) -> str | list[str]:

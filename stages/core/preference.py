@@ -8,34 +8,11 @@ fine-tuned policy gets TRL's separate frozen reference copy. ORPO needs no refer
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from . import stage as S
 
 
-@dataclass(frozen=True)
-class Method:
-    stage: str
-    config: str  # "module:Class"
-    trainer: str
-    task: str  # data-layer task: preference or unpaired
-    pretokenize: bool  # our truncation rule applied before TRL sees the rows
-
-
-METHODS = {
-    "dpo": Method("dpo", "trl:DPOConfig", "trl:DPOTrainer", "preference", True),
-    "kto": Method("kto", "trl:KTOConfig", "trl:KTOTrainer", "unpaired", False),
-    "orpo": Method("orpo", "trl.experimental.orpo:ORPOConfig", "trl.experimental.orpo:ORPOTrainer", "preference", False),
-}
-
-
-def _load(ref: str):
-    import importlib
-    import os
-
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    module, name = ref.split(":")
-    return getattr(importlib.import_module(module), name)
+PRETOKENIZED = {"dpo"}  # our truncation rule applied before TRL sees the rows (KTO/ORPO tokenise themselves)
 
 
 def _conversational_rows(dataset):
@@ -44,10 +21,10 @@ def _conversational_rows(dataset):
     return dataset.select_columns(keep)
 
 
-def _trainer_class(method: Method):
+def _trainer_class(spec):
     """DPOTrainer re-tokenises whatever it gets (and drops/cuts long rows); ours arrive tokenised and fitted."""
-    cls = _load(method.trainer)
-    if not method.pretokenize:
+    cls = spec.trainer_class()
+    if spec.name not in PRETOKENIZED:
         return cls
 
     class PreTokenized(cls):
@@ -61,25 +38,25 @@ def _trainer_class(method: Method):
 
 
 def run(method_name: str, argv=None):
-    from .artifacts import StageOutput
+    from .lifecycle import StageRun
+
+    with StageRun(method_name, argv) as stage_run:
+        if stage_run.done:
+            return stage_run.output_dir
+        return train(stage_run)
+
+
+def train(run):
     from . import fastpath
     from .encode import encode_preference
-    from .policy import build_policy, trainable_summary
+    from .policy import build_policy, frozen_reference, trainable_summary
 
-    method = METHODS[method_name]
-    name = method.stage
-    args = S.parse_stage(_load(method.config), argv, stage=name)
-    out = StageOutput(args.training.output_dir, name)
-
+    name, spec, args, data = run.stage, run.spec, run.args, run.data
+    pretokenize = name in PRETOKENIZED
     policy = build_policy(args.model, args.policy, args.training)
-    data = S.load_stage_data(args, task=method.task)
-    S.log(name, data.report.summary())
-    if method_name == "dpo" and "precompute_ref_log_probs" not in args.explicit:
+    if name == "dpo" and "precompute_ref_log_probs" not in args.explicit:  # derived: not in the fingerprint
         args.training.precompute_ref_log_probs = precompute_pays_off(args.training, data.eval is not None and len(data.eval) > 0)
     S.checkpointing_for_memory(args, policy.model, name, rows_per_example=2)
-    fp = S.stage_fingerprint(args, data.report.to_dict())
-    if S.check_existing(out, fp, args.run.force, name):
-        return out.output_dir
 
     max_len, on_long = args.training.max_length, args.data.on_long
     splits, lengths = {}, {}
@@ -90,36 +67,36 @@ def run(method_name: str, argv=None):
                                          policy.tokenizer, args, name, max_length=max_len, on_long=on_long,
                                          source=split, layout="dpo")
         S.log(name, report.summary(split))
-        splits[split] = encoded if method.pretokenize else _conversational_rows(rows)
+        splits[split] = encoded if pretokenize else _conversational_rows(rows)
         lengths[split] = report.to_dict()
-    if not method.pretokenize:
+    if not pretokenize:
         S.log(name, f"{name}: TRL tokenises these rows itself and truncates long ones by its own rule; counts above")
 
-    S.prepare_training(args, out, name)
-    trainer_cls = _trainer_class(method)
+    run.prepare()
+    trainer_cls = _trainer_class(spec)
+    extra = {}
+    if name != "orpo" and policy.peft_config is None and not hasattr(policy.model, "peft_config"):
+        # full fine-tuning: the reference is a frozen copy of the model as loaded (the merged SFT policy);
+        # left to TRL it would be rebuilt from config._name_or_path, i.e. the raw base
+        extra["ref_model"] = frozen_reference(policy.model)
     with fastpath.during_init(trainer_cls, bf16=args.training.bf16):
         trainer = trainer_cls(
             model=policy.model, args=args.training, train_dataset=splits["train"], eval_dataset=splits.get("validation"),
-            processing_class=policy.tokenizer, peft_config=policy.peft_config, callbacks=S.callbacks(args))
-    S.log_fast_paths(trainer, name, lm_head=method_name == "dpo")
+            processing_class=policy.tokenizer, peft_config=policy.peft_config, callbacks=run.callbacks(), **extra)
+    S.log_fast_paths(trainer, name, lm_head=name == "dpo")
     summary = trainable_summary(trainer.model)
     S.log(name, f"{policy.method}: {summary['trainable_params']:,} trainable of {summary['total_params']:,} "
-                f"parameters ({summary['trainable_pct']:.2f}%); reference: {reference_kind(policy, method_name)}")
+                f"parameters ({summary['trainable_pct']:.2f}%); reference: {reference_kind(policy, name)}")
 
-    start = S.evaluate_start(trainer, out, name) if "validation" in splits else None
-    resume = out.last_checkpoint()
-    if resume:
-        S.log(name, f"resuming from {resume}")
-    trainer.train(resume_from_checkpoint=resume)
+    start = run.evaluate_before(trainer, "start", disable_adapter=False)
+    run.train(trainer)
     final = trainer.evaluate() if "validation" in splits else {}
     acc = "eval_rewards/accuracies"
     if start and final and acc in final:
         S.log(name, f"held-out implicit-reward accuracy: start {start.get('start_rewards/accuracies', 0):.3f} -> "
                     f"final {final[acc]:.3f}; margin -> {final.get('eval_rewards/margins', float('nan')):.3f}")
-    metrics = {"start": start, "final": final, "lengths": lengths,
-               "reference": reference_kind(policy, method_name)}
-    manifest = S.base_manifest(args, policy, data, fp, summary) | {"metrics": metrics, "method": method_name}
-    return S.save_artifact(trainer, policy, out, manifest, name, args.run.keep_checkpoints)
+    metrics = {"start": start, "final": final, "lengths": lengths, "reference": reference_kind(policy, name)}
+    return run.save_trainer(trainer, policy, run.manifest(policy, summary, metrics=metrics, method=name))
 
 
 def precompute_pays_off(t, has_validation: bool) -> bool:

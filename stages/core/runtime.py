@@ -120,3 +120,13 @@ def configure_threads(num_threads: int | None = None) -> int:
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def derived_choices(training_args) -> dict:
+    """What the stage decided from the machine: recorded in the manifest, never part of the fingerprint."""
+    keys = ("bf16", "fp16", "use_cpu", "gradient_checkpointing", "padding_free", "precompute_ref_log_probs",
+            "attn_implementation")
+    out = {k: getattr(training_args, k) for k in keys if hasattr(training_args, k)}
+    out.update(device="cuda" if cuda_available() else "cpu", threads=torch.get_num_threads(),
+               world_size=int(os.environ.get("WORLD_SIZE", "1") or 1))
+    return out

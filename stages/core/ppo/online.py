@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+from trl import GRPOConfig, RLOOConfig
 
 from .. import stage as S
 from .config import RewardFields, parse_reward_spec
@@ -35,47 +35,35 @@ class RLOOStageConfig(RLOOConfig, RewardFields):
         super().__post_init__()
 
 
-@dataclass(frozen=True)
-class Method:
-    stage: str
-    config: type
-    trainer: type
-
-
-METHODS = {"grpo": Method("grpo", GRPOStageConfig, GRPOTrainer), "rloo": Method("rloo", RLOOStageConfig, RLOOTrainer)}
-
-
 def run(method_name: str, argv=None):
-    import json
+    from ..lifecycle import StageRun
 
-    from .. import artifacts
+    with StageRun(method_name, argv) as stage_run:
+        if stage_run.done:
+            return stage_run.output_dir
+        return train(stage_run)
+
+
+def train(run):
     from transformers import TrainerCallback
 
-    from ..artifacts import StageOutput
+    from .. import artifacts
     from ..errors import ConfigError
     from ..policy import build_policy, trainable_summary
     from . import rewards as RW
     from .evaluate import greedy_reward
 
-    method = METHODS[method_name]
-    name = method.stage
-    args = S.parse_stage(method.config, argv)
+    name, args, data = run.stage, run.args, run.data
     cfg = args.training
-    out = StageOutput(cfg.output_dir, name)
     RW._required(cfg)
     if "eval_strategy" not in args.explicit:  # our greedy held-out reward replaces TRL's sampled evaluation
         cfg.eval_strategy = "no"
-
-    data = S.load_stage_data(args, task="prompt")
-    S.log(name, data.report.summary())
     rm_parent = artifacts.parent_info(cfg.reward_model) if cfg.reward_model else None
-    fp = artifacts.fingerprint({"stage": S.stage_fingerprint(args, data.report.to_dict()),
-                                "reward_model": (rm_parent or {}).get("fingerprint")})
-    if S.check_existing(out, fp, args.run.force, name):
-        return out.output_dir
 
-    S.prepare_training(args, out, name)
+    run.prepare()
     policy = build_policy(args.model, args.policy, cfg)
+    if policy.peft_config is None and cfg.beta > 0 and policy.merged_adapter:
+        point_reference_at_loaded_model(policy, run.out.work / "reference")
     from accelerate import PartialState
 
     funcs, weights, _ = RW.trl_reward_funcs(cfg, device=PartialState().device)
@@ -84,17 +72,17 @@ def run(method_name: str, argv=None):
     elif len(cfg.reward_weights) != len(funcs):
         raise ConfigError(f"reward_weights: {len(cfg.reward_weights)} weights for {len(funcs)} reward functions "
                           f"({', '.join(f.__name__ for f in funcs)})")
-    train = data.train.select_columns(["prompt"])
+    train_rows = data.train.select_columns(["prompt"])
     evals = data.eval.select_columns(["prompt"]) if data.eval is not None and len(data.eval) else None
-    trainer = method.trainer(
-        model=policy.model, reward_funcs=funcs, args=cfg, train_dataset=train,
+    trainer = run.spec.trainer_class()(
+        model=policy.model, reward_funcs=funcs, args=cfg, train_dataset=train_rows,
         eval_dataset=evals if str(getattr(cfg.eval_strategy, "value", cfg.eval_strategy)) != "no" else None,
-        processing_class=policy.tokenizer, peft_config=policy.peft_config, callbacks=S.callbacks(args))
+        processing_class=policy.tokenizer, peft_config=policy.peft_config, callbacks=run.callbacks())
     summary = trainable_summary(trainer.model)
     S.log(name, f"{policy.method}: {summary['trainable_params']:,} trainable of {summary['total_params']:,} parameters; "
                 f"rewards: {', '.join(f'{f.__name__} x {w:g}' for f, w in zip(funcs, cfg.reward_weights))}")
 
-    combined = RW.combine(cfg, _models_of(funcs))
+    combined = _weighted(funcs, cfg.reward_weights)  # the held-out figure weighs rewards as training does
     prompts = [r["prompt"] for r in evals] if evals is not None else []
 
     def held_out():
@@ -107,36 +95,43 @@ def run(method_name: str, argv=None):
 
     # the starting policy's figure is taken once training has wrapped the model (an evaluation before
     # train() would break DDP/DeepSpeed: see distributed.py), and cached across resumes
-    cache = out.work / "start_metrics.json"
-    start = json.loads(cache.read_text()) if cache.is_file() else {}
+    start: dict = {}
 
     class StartReward(TrainerCallback):
         def on_train_begin(self, args_, state, control, **kwargs):
-            if not start and prompts:
-                start.update(held_out())
-                if trainer.is_world_process_zero():
-                    artifacts.write_json(cache, start)
+            if prompts:
+                start.update(run.cached("start", held_out) or {})
 
     trainer.add_callback(StartReward())
-    resume = out.last_checkpoint()
-    if resume:
-        S.log(name, f"resuming from {resume}")
-    trainer.train(resume_from_checkpoint=resume)
+    run.train(trainer)
     final = held_out()
     if start and final:
         S.log(name, f"held-out mean reward (greedy): start {start['mean_reward']:.4f} -> final {final['mean_reward']:.4f}")
     metrics = {"start": start, "final": final,
                "reward_gain": (final["mean_reward"] - start["mean_reward"]) if start and final else None}
-    manifest = S.base_manifest(args, policy, data, fp, summary) | {
-        "metrics": metrics, "task": name, "method": name,
-        "reward": {"reward_model": cfg.reward_model, "reward_model_parent": rm_parent, "rules": cfg.reward,
-                   "reward_weights": list(cfg.reward_weights)}}
-    return S.save_artifact(trainer, policy, out, manifest, name, args.run.keep_checkpoints)
+    manifest = run.manifest(policy, summary, metrics=metrics, task=name, method=name, reward={
+        "reward_model": cfg.reward_model, "reward_model_parent": rm_parent, "rules": cfg.reward,
+        "reward_weights": list(cfg.reward_weights)})
+    return run.save_trainer(trainer, policy, manifest)
 
 
-def _models_of(funcs):
-    """The reward model already loaded for TRL (reused for the held-out figure, not loaded twice)."""
-    for f in funcs:
-        if f.__name__ == "reward_model":
-            return f.reward
-    return None
+def point_reference_at_loaded_model(policy, directory):
+    """GRPO/RLOO take no ref_model: with beta > 0 and full fine-tuning they rebuild the reference from
+    config._name_or_path, which after a merged SFT adapter still names the raw base. Save the merged
+    policy once in the work dir and point the name there, so the reference is the SFT policy."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        policy.model.save_pretrained(str(directory), safe_serialization=True)
+        policy.tokenizer.save_pretrained(str(directory))
+    policy.model.config._name_or_path = str(directory)
+    S.log("reference", f"reference = the merged starting policy, saved in {directory}")
+
+
+def _weighted(funcs, weights):
+    """One .score() object over TRL reward functions with the weights TRL trains with (reward_weights)."""
+    from reward.rules import CombinedReward
+
+    parts = [(f.reward, float(w)) for f, w in zip(funcs, weights)]
+    return parts[0][0] if len(parts) == 1 and parts[0][1] == 1.0 else CombinedReward(parts)
