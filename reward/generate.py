@@ -118,12 +118,15 @@ def generate_responses(model, tokenizer, prompts, decoding: Decoding) -> Generat
     import torch
     from transformers import GenerationConfig
 
+    from stages.core.encode import fit_prompt_response
+
     ids = encode_prompts(tokenizer, prompts)
     limit, truncated = context_limit(model), 0
-    if limit is not None:
+    if limit is not None:  # the suite's rule with an empty response: trim the prompt from its start
         keep = max(1, limit - decoding.max_new_tokens)
-        truncated = sum(len(x) > keep for x in ids)
-        ids = [x[-keep:] for x in ids]  # the rule: trim the prompt from its start
+        fitted = [fit_prompt_response(x, [], keep) for x in ids]
+        truncated = sum(what is not None for _, _, what in fitted)
+        ids = [x for x, _, _ in fitted]
     stop = _stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     sample = decoding.temperature > 0

@@ -2,7 +2,9 @@
 
 Loading fails loudly (ModelError) when the value head would be freshly initialised: the classic
 "`score.weight` newly initialized" bug that silently turns a reward model into noise.
-Truncation rule (shared by every stage): keep the response, trim the prompt from its start.
+Truncation rule (shared by every stage, `stages.core.encode.fit_prompt_response`): keep the response,
+trim the prompt from its start, against the reward model's training `max_length` (from its manifest)
+so that scoring sees sequences shaped like the ones the model was trained on.
 """
 from __future__ import annotations
 
@@ -73,16 +75,35 @@ class RewardModel:
         return min(cands) if cands else 2048
 
     def _encode(self, conversation, limit: int) -> list[int]:
+        from stages.core.encode import fit_prompt_response
+
         if not getattr(self.tokenizer, "chat_template", None):
             raise ModelError("the reward model's tokenizer has no chat template")
-        ids = self.tokenizer.apply_chat_template(list(conversation), tokenize=True, return_dict=True)["input_ids"]
-        ids = list(ids)
-        if len(ids) > limit:  # the response is at the end: trimming from the start trims the prompt first
-            self.truncated += 1
-            ids = ids[-limit:]
+        conversation = list(conversation)
+        ids = list(self._template(conversation))
         if not ids:
             raise ModelError("a conversation rendered to zero tokens")
+        if len(ids) > limit:
+            start = self._response_start(conversation, ids)
+            prompt, response, _ = fit_prompt_response(ids[:start], ids[start:], limit)
+            self.truncated += 1
+            ids = prompt + response
         return ids
+
+    def _template(self, messages, **kw) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"]
+
+    def _response_start(self, conversation, ids: list[int]) -> int:
+        """Index of the final assistant reply's first token (the end when there is none)."""
+        if not conversation or conversation[-1].get("role") != "assistant":
+            return len(ids)
+        if len(conversation) == 1:
+            return 0
+        head = list(self._template(conversation[:-1], add_generation_prompt=True))
+        n = 0
+        while n < min(len(head), len(ids)) and head[n] == ids[n]:
+            n += 1
+        return n
 
     def _forward(self, batch: list[list[int]]) -> list[float]:
         pad = self.tokenizer.pad_token_id
@@ -228,9 +249,21 @@ def _load_adapter(path: str, acfg: dict, dtype, trust_remote_code: bool):
     return model, base_name
 
 
+def trained_max_length(path) -> int | None:
+    """The `max_length` the reward model was trained with (its stage manifest), None when unknown."""
+    from stages.core.artifacts import read_manifest
+
+    m = read_manifest(path) if Path(str(path)).is_dir() else None
+    v = (((m or {}).get("config") or {}).get("training") or {}).get("max_length")
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
 def load_reward_model(path, *, dtype=torch.float32, device=None, trust_remote_code: bool = False,
                       batch_size: int = 8, max_length: int | None = None) -> RewardModel:
-    """Load a full or PEFT (SEQ_CLS) reward model dir; ModelError if its head would be newly initialised."""
+    """Load a full or PEFT (SEQ_CLS) reward model dir; ModelError if its head would be newly initialised.
+
+    `max_length` defaults to the training max_length in the dir's manifest.json, else the tokenizer's
+    model_max_length / the model's context."""
     from stages.core import policy
 
     path = str(path)
@@ -242,6 +275,8 @@ def load_reward_model(path, *, dtype=torch.float32, device=None, trust_remote_co
         model, base = _load_adapter(path, acfg, dtype, trust_remote_code)
         tok = _load_tokenizer(path, base, trust_remote_code=trust_remote_code)
     _prepare_tokenizer(tok, model)
+    if max_length is None:
+        max_length = trained_max_length(path)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return RewardModel(model, tok, device, batch_size=batch_size, max_length=max_length)

@@ -47,6 +47,11 @@ def _cell(text, limit: int = 120) -> str:
     return s.replace("|", "\\|").replace("`", "\\`")
 
 
+def _interval(st: dict):
+    """The headline interval; reports written before it existed only hold Wilson's."""
+    return st.get("interval") or st["wilson"]
+
+
 def to_markdown(report: dict, *, max_rows: int = 50) -> str:
     st, dec = report["stats"], report.get("decoding", {})
     unit = report.get("length_unit", "tokens")
@@ -58,17 +63,22 @@ def to_markdown(report: dict, *, max_rows: int = 50) -> str:
         mode = "greedy" if not dec.get("temperature") else f"temperature {dec['temperature']}, top_p {dec['top_p']}"
         lines.append(f"- decoding (identical for both): {mode}, max_new_tokens {dec['max_new_tokens']}, "
                      f"seed {dec['seed']}")
-    (wl, wh), (bl, bh) = st["wilson"], st["bootstrap"]
+    (il, ih), (wl, wh), (bl, bh) = _interval(st), st["wilson"], st["bootstrap"]
+    lc_iv = st.get("lc_interval")
+    lc = _fmt(st["lc_win_rate"]) + (f" (95% bootstrap {_fmt(lc_iv[0])} – {_fmt(lc_iv[1])})" if lc_iv else "")
     lines += ["", "| | value |", "|---|---|",
               f"| **win rate** (ties count ½) | **{_fmt(st['win_rate'])}** |",
-              f"| 95% Wilson interval | {_fmt(wl)} – {_fmt(wh)} |",
+              f"| **95% interval** (win/tie/loss variance) | **{_fmt(il)} – {_fmt(ih)}** |",
+              f"| 95% Wilson interval (a tie as a coin flip: too wide with many ties) | {_fmt(wl)} – {_fmt(wh)} |",
               f"| 95% bootstrap interval ({report.get('bootstrap', {}).get('n_boot', '?')} resamples, seed "
               f"{report.get('bootstrap', {}).get('seed', '?')}) | {_fmt(bl)} – {_fmt(bh)} |",
-              f"| length-controlled win rate | {_fmt(st['lc_win_rate'])} |",
+              f"| length-controlled win rate | {lc} |",
               f"| wins / ties / losses | {st['wins']} / {st['ties']} / {st['losses']} |",
               f"| tie rate | {_fmt(st['tie_rate'])} |",
               f"| mean response length ({unit}): policy / reference | {_fmt(st['mean_len_policy'], 1)} / "
               f"{_fmt(st['mean_len_reference'], 1)} |"]
+    if st.get("lc_warning"):
+        lines += ["", f"> **Length control warning:** {st['lc_warning']}."]
     if report.get("verifier"):
         v = report["verifier"]
         lines += ["", "## Verifier pass rate (demo prompts)", "", "| policy | reference |", "|---|---|",
@@ -97,7 +107,7 @@ def to_markdown(report: dict, *, max_rows: int = 50) -> str:
 
 
 def plot(report: dict, path) -> Path:
-    """Win/tie/loss bar with the win rate and its Wilson interval; histogram of response lengths."""
+    """Win/tie/loss bar with the win rate and its headline interval; histogram of response lengths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,7 +120,7 @@ def plot(report: dict, path) -> Path:
         frac = st[key] / st["n"] if st["n"] else 0.0
         ax1.barh([0], [frac], height=0.5, left=left, color=colour, label=f"{label} {frac:.0%}")
         left += frac
-    lo, hi = st["wilson"]
+    lo, hi = _interval(st)
     ax1.errorbar([st["win_rate"]], [0.55], xerr=[[st["win_rate"] - lo], [hi - st["win_rate"]]], fmt="o", color="k",
                  capsize=4, label=f"win rate {st['win_rate']:.3f} (95% CI)")
     ax1.axvline(0.5, ls="--", color="k", lw=0.8)

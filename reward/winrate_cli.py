@@ -25,12 +25,17 @@ def _run(argv):
         args.out = default_out(args.policy, args.reference)
     report = evaluate.main(args)
     st = report["stats"]
-    (wl, wh), (bl, bh) = st["wilson"], st["bootstrap"]
-    lines = [f"win rate {st['win_rate']:.3f}  95% CI {wl:.3f}-{wh:.3f} (Wilson), {bl:.3f}-{bh:.3f} (bootstrap)",
+    (il, ih), (wl, wh), (bl, bh) = st["interval"], st["wilson"], st["bootstrap"]
+    lines = [f"win rate {st['win_rate']:.3f}  95% CI {il:.3f}-{ih:.3f} (win/tie/loss), {bl:.3f}-{bh:.3f} (bootstrap), "
+             f"{wl:.3f}-{wh:.3f} (Wilson)",
              f"  {st['wins']} wins / {st['ties']} ties ({st['tie_rate']:.1%}) / {st['losses']} losses over {st['n']} prompts"]
     if st.get("lc_win_rate") is not None:
-        lines.append(f"  length-controlled win rate {st['lc_win_rate']:.3f}; mean length policy "
+        iv = st.get("lc_interval")
+        lines.append(f"  length-controlled win rate {st['lc_win_rate']:.3f}"
+                     + (f" (95% CI {iv[0]:.3f}-{iv[1]:.3f})" if iv else "") + "; mean length policy "
                      f"{st['mean_len_policy']:.1f} vs reference {st['mean_len_reference']:.1f} tokens")
+        if st.get("lc_warning"):
+            lines.append(f"  warning: {st['lc_warning']}")
     if report.get("verifier"):
         v = report["verifier"]
         lines.append(f"  verifier pass rate: policy {v['policy_pass_rate']:.3f}, reference {v['reference_pass_rate']:.3f}")

@@ -219,6 +219,37 @@ def test_eval_sources_remove_overlap(tmp_path):
     assert d.report.eval_sources[0].rows_eval == 3 and d.report.eval_fingerprint
 
 
+def _prompts(ds):
+    return {r["prompt"][0]["content"] for r in ds}
+
+
+def test_kto_from_pairs_splits_by_prompt(tmp_path):
+    """Pairs unpaired into chosen/rejected rows: both rows of a prompt land on the same side."""
+    pairs = [{"prompt": [U(f"q{i}")], "chosen": [A(f"good{i}")], "rejected": [A(f"bad{i}")]} for i in range(40)]
+    pairs += [{"prompt": [U(f"q{i}")], "chosen": [A(f"fine{i}")], "rejected": [A(f"poor{i}")]} for i in range(10)]
+    src = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    for seed in range(5):
+        d = load_data([src], task="unpaired", validation_fraction=0.2, seed=seed)
+        assert d.eval is not None and len(d.eval) >= 20  # 20 of 100 rows, whole prompts
+        assert not _prompts(d.train) & _prompts(d.eval), seed
+        assert _prompts(d.train) | _prompts(d.eval) == {f"q{i}" for i in range(40)}
+        assert len(d.train) + len(d.eval) == 100
+        for ds in (d.train, d.eval):  # every prompt keeps its chosen and rejected rows together
+            labels = {}
+            for r in ds:
+                labels.setdefault(r["prompt"][0]["content"], set()).add(r["label"])
+            assert all(v == {True, False} for v in labels.values())
+        assert "whole prompts" in d.report.split["rule"]
+
+
+def test_kto_eval_sources_remove_training_rows_with_an_eval_prompt(tmp_path):
+    pairs = [{"prompt": [U(f"q{i}")], "chosen": [A(f"good{i}")], "rejected": [A(f"bad{i}")]} for i in range(6)]
+    tr = write_jsonl(tmp_path / "tr.jsonl", pairs)
+    ev = write_jsonl(tmp_path / "ev.jsonl", [{"prompt": [U("q0")], "completion": [A("other")], "label": True}])
+    d = load_data([tr], task="unpaired", eval_sources=[ev])
+    assert "q0" not in _prompts(d.train) and len(d.train) == 10 and d.report.eval_overlap_removed == 2
+
+
 def test_weights_repeat_and_subsample(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", sft_rows(10, "a"))
     b = write_jsonl(tmp_path / "b.jsonl", sft_rows(10, "b"))

@@ -2,7 +2,7 @@
 import pytest
 from datasets import Dataset
 
-from stages.core.encode import encode_sft
+from stages.core.encode import encode_conversation, encode_preference, encode_sft, fit_prompt_response
 from stages.core.errors import DataError
 from tiny_models import build_tokenizer
 
@@ -42,11 +42,50 @@ def test_long_rows_keep_the_response_and_trim_the_prompt_start():
     assert rep.over_limit == 1 and rep.prompt_trimmed == 1 and rep.dropped == 0
 
 
+def _full(tok, messages):
+    """The untruncated encoding, split at the final response."""
+    ids, labels, start = encode_conversation(messages, tok, loss_on="last")
+    return ids[:start], ids[start:]
+
+
 def test_response_longer_than_limit_is_cut_at_its_end_and_counted():
     tok = build_tokenizer()
-    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "blue " * 100}]}]
-    ds, rep = encode_sft(Dataset.from_list(rows), tok, max_length=30)
-    assert len(ds[0]["input_ids"]) == 30 and rep.response_cut == 1
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "blue " * 100}]
+    prompt, response = _full(tok, msgs)
+    ds, rep = encode_sft(Dataset.from_list([{"messages": msgs}]), tok, max_length=30)
+    ids = ds[0]["input_ids"]
+    assert len(ids) == 30 and rep.response_cut == 1
+    # 30 // 4 = 7 tokens of context (the end of the prompt), then the response's *start*
+    assert ids[:7] == prompt[-7:] and ids[7:] == response[:23]
+    assert tok.decode(ids[:7]).endswith("<|im_start|>assistant\n")
+    assert tok.decode(ds[0]["labels"][7:]).startswith("blue blue")
+    assert all(lab == -100 for lab in ds[0]["labels"][:7])
+
+
+def test_response_exactly_max_length_keeps_a_prompt_token():
+    """Old rule (`<=`): a response of exactly max_length kept zero prompt tokens."""
+    tok = build_tokenizer()
+    msgs = [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "blue " * 10}]
+    prompt, response = _full(tok, msgs)
+    limit = len(response)
+    ds, rep = encode_sft(Dataset.from_list([{"messages": msgs}]), tok, max_length=limit)
+    ids = ds[0]["input_ids"]
+    keep = max(1, limit // 4)
+    assert len(ids) == limit and ids[:keep] == prompt[-keep:] and ids[keep:] == response[:limit - keep]
+    assert rep.response_cut == 1 and rep.prompt_trimmed == 0
+
+
+def test_fit_prompt_response_rule_on_explicit_ids():
+    prompt, response = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [100, 101, 102]
+    assert fit_prompt_response(prompt, response, 13) == (prompt, response, None)
+    assert fit_prompt_response(prompt, response, 8) == ([6, 7, 8, 9, 10], [100, 101, 102], "prompt_trimmed")
+    assert fit_prompt_response(prompt, response, 4) == ([10], [100, 101, 102], "prompt_trimmed")
+    # the response fills the limit: one prompt token stays, the response loses its end
+    assert fit_prompt_response(prompt, response, 3) == ([10], [100, 101], "response_cut")
+    long = list(range(100, 120))
+    assert fit_prompt_response(prompt, long, 12) == ([8, 9, 10], list(range(100, 109)), "response_cut")
+    assert fit_prompt_response([], long, 5) == ([], list(range(100, 105)), "response_cut")
+    assert fit_prompt_response([1, 2, 3], [], 2) == ([2, 3], [], "prompt_trimmed")
 
 
 def test_drop_and_error_policies_count_or_name_the_row():
@@ -66,8 +105,6 @@ def _pairs(prompt_words):
 
 
 def test_dpo_layout_keeps_both_responses_and_trims_the_shared_prompt():
-    from stages.core.encode import encode_preference
-
     tok = build_tokenizer()
     ds, rep = encode_preference(_pairs(100), tok, max_length=40, layout="dpo")
     row = ds[0]
@@ -79,10 +116,24 @@ def test_dpo_layout_keeps_both_responses_and_trims_the_shared_prompt():
 
 
 def test_pair_layout_drop_and_error_name_the_row():
-    from stages.core.encode import encode_preference
-
     tok = build_tokenizer()
     ds, rep = encode_preference(_pairs(100), tok, max_length=40, on_long="drop")
     assert len(ds) == 0 and rep.dropped == 1
     with pytest.raises(DataError, match="row 0: field 'chosen/rejected'"):
         encode_preference(_pairs(100), tok, max_length=40, on_long="error")
+
+
+def test_pair_layout_judges_both_responses_after_the_same_prompt():
+    """RM pairs: a short chosen and a long rejected response share one trimmed prompt."""
+    tok = build_tokenizer()
+    p = [{"role": "user", "content": "word " * 60 + "Which colour?"}]
+    chosen, rejected = [{"role": "assistant", "content": "Blue."}], [{"role": "assistant", "content": "It is blue " * 4}]
+    prompt, short = _full(tok, p + chosen)
+    _, long = _full(tok, p + rejected)
+    ds, rep = encode_preference(Dataset.from_list([{"prompt": p, "chosen": chosen, "rejected": rejected}]), tok,
+                                max_length=80)
+    c, r = ds[0]["chosen_ids"], ds[0]["rejected_ids"]
+    kept = 80 - len(long)
+    assert len(r) == 80 and c == prompt[-kept:] + short and r == prompt[-kept:] + long
+    assert c[:kept] == r[:kept]
+    assert rep.over_limit == 1 and rep.prompt_trimmed == 1 and rep.response_cut == 0

@@ -115,16 +115,66 @@ def test_padding_invariance(which, side, full_rm, gpt2_rm, lora_rm):
     assert rm.score_messages(messages) == pytest.approx(alone, abs=1e-5)
 
 
-def test_truncation_keeps_response(full_rm):
+def _split_ids(tok, prompt: str, response: str):
+    """Untruncated (prompt tokens incl. the generation prompt, response tokens) for one pair."""
+    msgs = [{"role": "user", "content": prompt}]
+    head = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": response}], tokenize=True,
+                                   return_dict=True)["input_ids"]
+    assert full[:len(head)] == head
+    return list(head), list(full[len(head):])
+
+
+def _scored_ids(rm, monkeypatch):
+    seen = []
+    real = rm._forward
+    monkeypatch.setattr(rm, "_forward", lambda batch: seen.extend(batch) or real(batch))
+    return seen
+
+
+def test_truncation_trims_the_prompt_start_and_keeps_the_response(full_rm, monkeypatch):
     rm = load_reward_model(full_rm[0])
-    ids = rm.tokenizer.apply_chat_template([{"role": "user", "content": LONG_P[0]}, {"role": "assistant", "content": "ok"}],
-                                           tokenize=True, return_dict=True)["input_ids"]
+    prompt, response = _split_ids(rm.tokenizer, LONG_P[0], "ok")
+    seen = _scored_ids(rm, monkeypatch)
     before = rm.truncated
-    got = rm.score([LONG_P[0]], ["ok"], max_length=10)[0]
+    got = rm.score([LONG_P[0]], ["ok"], max_length=20)[0]
     assert rm.truncated == before + 1
+    (ids,) = seen
+    assert len(ids) == 20 and ids[-len(response):] == response  # the whole response
+    assert ids[:20 - len(response)] == prompt[-(20 - len(response)):]  # the prompt's end, its start gone
     with torch.no_grad():
-        want = rm.model(input_ids=torch.tensor([ids[-10:]])).logits[0, 0].item()
+        want = rm.model(input_ids=torch.tensor([ids])).logits[0, 0].item()
     assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_truncation_of_a_long_response_keeps_its_start(full_rm, monkeypatch):
+    """Old scorer kept ids[-limit:], the response's end: a reward model reads an answer from its start."""
+    rm = load_reward_model(full_rm[0])
+    long_answer = "red, green, blue " * 10
+    prompt, response = _split_ids(rm.tokenizer, "Colours?", long_answer)
+    seen = _scored_ids(rm, monkeypatch)
+    rm.score(["Colours?"], [long_answer], max_length=40)
+    (ids,) = seen
+    assert len(ids) == 40 and len(response) > 40
+    # 40 // 4 = 10 tokens of context, then the first 30 response tokens
+    assert ids[:10] == prompt[-10:] and ids[10:] == response[:30]
+    assert rm.tokenizer.decode(ids[10:]).startswith("red, green, blue")
+
+
+def test_scoring_limit_is_the_reward_models_training_max_length(full_rm, tmp_path, monkeypatch):
+    rm = load_reward_model(full_rm[0])
+    assert rm.max_length is None  # no manifest: model_max_length / the context, as before
+    trained = tmp_path / "rm-with-manifest"
+    shutil.copytree(full_rm[0], trained)
+    (trained / "manifest.json").write_text(json.dumps(
+        {"status": "complete", "config": {"training": {"max_length": 24}}}))
+    rm = load_reward_model(trained)
+    assert rm.max_length == 24
+    prompt, response = _split_ids(rm.tokenizer, LONG_P[0], "ok")
+    seen = _scored_ids(rm, monkeypatch)
+    rm.score([LONG_P[0]], ["ok"])
+    assert seen[0] == prompt[-(24 - len(response)):] + response
+    assert load_reward_model(trained, max_length=30).max_length == 30  # an explicit limit still wins
 
 
 def test_full_missing_head_fails_loudly(full_rm, tmp_path):
@@ -216,7 +266,8 @@ def test_verifier_accepts_verdict_objects():
 
 
 def test_demo_verifier_reward_on_demo_pairs():
-    demo = pytest.importorskip("stages.core.demo")
+    from stages.core import demo
+
     pairs = demo.preference_pairs(20)
     f = as_trl_reward_func(build_reward("demo_verifier"))
     prompts = [p["prompt"] for p in pairs]

@@ -237,6 +237,13 @@ def _rank(seed: int, key: str, salt: str = "") -> str:
     return hashlib.sha256(f"{seed}:{salt}:{key}".encode("utf-8")).hexdigest()
 
 
+def _split_key(task: str, key: str, row: dict) -> str:
+    """Rows that must stay on one side of the split share a key. KTO rows unpaired from one preference
+    pair (and any rows sharing a prompt) are grouped by prompt, else validation would score
+    completions to prompts seen in training."""
+    return row_key({"prompt": row["prompt"]}) if task == "unpaired" else key
+
+
 def _weighted(rows: list, weight: float, seed: int) -> list:
     """Whole copies for the integer part; a seeded, content-hashed subset for the rest."""
     target = round(weight * len(rows))
@@ -274,8 +281,10 @@ def load_data(sources, *, task, eval_sources=None, validation_fraction=0.1, vali
     ``max_rows`` is the default per-source cap on rows read. Without ``eval_sources``, the
     ``validation_size`` (or ``round(validation_fraction * unique rows)``, at least 1) unique rows
     with the smallest ``sha256(seed, row)`` are held out: the split depends on row content and
-    seed, not on file order. Weights apply to training rows only; the training set is shuffled
-    deterministically (seeded), the eval set is in hash order."""
+    seed, not on file order. For ``unpaired`` (KTO) whole prompts are held out, so no prompt is on
+    both sides (with ``eval_sources``, training rows with an eval prompt are removed). Weights apply
+    to training rows only; the training set is shuffled deterministically (seeded), the eval set is
+    in hash order."""
     if task not in F.TASKS:
         raise ConfigError(f"unknown task '{task}'{F.suggest(task, F.TASKS)}; expected one of {', '.join(F.TASKS)}")
     if on_invalid not in ("error", "drop"):
@@ -318,9 +327,9 @@ def load_data(sources, *, task, eval_sources=None, validation_fraction=0.1, vali
         for rep, rows in zip(report.eval_sources, eparts):
             rep.fingerprint, rep.rows_eval = fingerprint(k for k, _ in rows), len(rows)
             eval_rows += rows
-        keys = {k for k, _ in eval_rows}
+        keys = {_split_key(task, *kc) for kc in eval_rows}
         before = sum(map(len, parts))
-        parts = [[kc for kc in p if kc[0] not in keys] for p in parts]
+        parts = [[kc for kc in p if _split_key(task, *kc) not in keys] for p in parts]
         report.eval_overlap_removed = before - sum(map(len, parts))
         report.split = {"rule": f"eval_sources ({len(eval_specs)})", "seed": seed}
     else:
@@ -329,13 +338,27 @@ def load_data(sources, *, task, eval_sources=None, validation_fraction=0.1, vali
             min(max(1, round(validation_fraction * n)), n - 1) if validation_fraction > 0 and n > 1 else 0)
         if k and k >= n:
             raise DataError(f"validation split of {k} rows leaves no training rows ({n} unique rows)")
-        held = set(sorted((_rank(seed, key) for p in parts for key, _ in p))[:k])
+        def group(kc) -> str:
+            return _rank(seed, _split_key(task, *kc))
+
+        sizes: dict[str, int] = {}
+        for p in parts:
+            for kc in p:
+                sizes[group(kc)] = sizes.get(group(kc), 0) + 1
+        held: set = set()
+        n_held = 0
+        for g in sorted(sizes):  # whole groups in hash order until k rows; one group always trains
+            if n_held >= k or len(held) == len(sizes) - 1:
+                break
+            held.add(g)
+            n_held += sizes[g]
         for i, (rep, p) in enumerate(zip(report.sources, parts)):
-            ev = [kc for kc in p if _rank(seed, kc[0]) in held]
+            ev = [kc for kc in p if group(kc) in held]
             rep.rows_eval = len(ev)
             eval_rows += ev
-            parts[i] = [kc for kc in p if _rank(seed, kc[0]) not in held]
-        report.split = {"rule": f"hash(seed={seed}): {k} of {n} unique rows held out" if k else "none",
+            parts[i] = [kc for kc in p if group(kc) not in held]
+        by = f", whole prompts ({len(held)})" if task == "unpaired" else ""
+        report.split = {"rule": f"hash(seed={seed}): {n_held} of {n} unique rows held out{by}" if n_held else "none",
                         "seed": seed, "validation_fraction": validation_fraction, "validation_size": validation_size}
     report.dropped_examples = loader.examples
 

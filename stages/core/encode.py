@@ -2,7 +2,9 @@
 
 Rule for rows longer than `max_length` (`on_long: truncate`, the default): keep the final assistant
 response whole and trim tokens from the *start* of the conversation; only when the final response
-alone does not fit is the response cut at its end. `on_long: drop` drops such rows, `error` stops.
+does not fit next to at least one prompt token is the response cut at its end (keeping the last
+quarter of `max_length` of prompt, at least one token). `fit_prompt_response` is that rule; SFT, RM,
+DPO/KTO encoding and reward scoring all call it. `on_long: drop` drops such rows, `error` stops.
 Every truncation and drop is counted and reported, never silent.
 """
 from __future__ import annotations
@@ -67,20 +69,38 @@ def render_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, 
     return text, spans
 
 
+def fit_prompt_response(prompt_ids, response_ids, max_length: int):
+    """The suite's truncation rule for one prompt + response: returns (prompt, response, what).
+
+    `what` is None (fits), "prompt_trimmed" (prompt cut from its start, response whole) or
+    "response_cut" (the response would leave no prompt token: keep the prompt's last
+    max(1, max_length // 4) tokens and cut the response's end). Works on any sequences, so callers
+    can pass (token, label) pairs.
+    """
+    prompt, response = list(prompt_ids), list(response_ids)
+    if max_length < 1:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    if len(prompt) + len(response) <= max_length:
+        return prompt, response, None
+    if len(response) <= max_length - 1:  # at least one prompt token stays as context
+        return prompt[len(prompt) + len(response) - max_length:], response, "prompt_trimmed"
+    keep = min(len(prompt), max(1, max_length // 4)) if max_length > 1 else 0
+    return prompt[len(prompt) - keep:], response[: max_length - keep], "response_cut"
+
+
+def _count(report: LengthReport, what: str | None) -> None:
+    if what is not None:
+        report.over_limit += 1
+        setattr(report, what, getattr(report, what) + 1)
+
+
 def _fit(ids: list[int], labels: list[int], last_start: int, max_length: int, report: LengthReport):
     """Apply the truncation rule to one encoded row; `last_start` = first token of the final response."""
-    if len(ids) <= max_length:
-        return ids, labels
-    report.over_limit += 1
-    if len(ids) - last_start <= max_length:
-        cut = len(ids) - max_length
-        report.prompt_trimmed += 1
-        return ids[cut:], labels[cut:]
-    # The final response alone is longer than the limit: keep a little context, cut the response's tail.
-    keep_prompt = min(last_start, max_length // 4)
-    start = last_start - keep_prompt
-    report.response_cut += 1
-    return ids[start:start + max_length], labels[start:start + max_length]
+    rows = list(zip(ids, labels))
+    prompt, response, what = fit_prompt_response(rows[:last_start], rows[last_start:], max_length)
+    _count(report, what)
+    kept = prompt + response
+    return [t for t, _ in kept], [lab for _, lab in kept]
 
 
 def encode_sft(dataset, tokenizer, *, max_length: int | None, loss_on: str = "assistant", on_long: str = "truncate",
@@ -124,17 +144,12 @@ def encode_conversation(messages: list[dict], tokenizer, *, loss_on: str = "assi
 
 
 def _fit_split(prompt: list[int], responses: list[list[int]], max_length: int, report: LengthReport):
-    """The truncation rule for prompt + several responses sharing it (DPO layout)."""
-    longest = max(len(r) for r in responses)
-    if len(prompt) + longest <= max_length:
-        return prompt, responses
-    report.over_limit += 1
-    if longest <= max_length - 1:
-        report.prompt_trimmed += 1
-        return prompt[len(prompt) + longest - max_length:], responses
-    keep = min(len(prompt), max_length // 4)
-    report.response_cut += 1
-    return prompt[len(prompt) - keep:], [r[: max_length - keep] for r in responses]
+    """The truncation rule for one prompt shared by several responses: fitted to the longest, so every
+    response is read after the same context."""
+    longest = max(responses, key=len)
+    prompt, _, what = fit_prompt_response(prompt, longest, max_length)
+    _count(report, what)
+    return prompt, [r[: max_length - len(prompt)] for r in responses]
 
 
 def encode_preference(dataset, tokenizer, *, max_length: int | None, on_long: str = "truncate", source: str = "train",
@@ -144,7 +159,8 @@ def encode_preference(dataset, tokenizer, *, max_length: int | None, on_long: st
     layout "pair": chosen_ids/rejected_ids, full sequences (RewardTrainer); layout "dpo": prompt_ids
     plus chosen_ids/rejected_ids holding only the responses (DPOTrainer). TRL drops or cuts long
     pairs silently; here they are truncated (prompt head trimmed, responses kept) or dropped/refused
-    by `on_long`, and counted either way.
+    by `on_long`, and counted either way. Both layouts trim the prompt once, for the longer
+    response, so chosen and rejected are always judged after the same context.
     """
     from datasets import Dataset
 
@@ -172,11 +188,13 @@ def encode_preference(dataset, tokenizer, *, max_length: int | None, on_long: st
         longest = max(len(p[0]) for p in pair)
         if not report.keep(longest, max_length, on_long, source=source, row=row_idx, field="/".join(keys)):
             continue
-        if layout == "dpo":
+        if layout == "dpo" or (max_length is not None and longest > max_length):
+            # one shared, trimmed prompt: chosen and rejected are judged in the same context
             prompt = pair[0][0][: pair[0][2]]
             responses = [ids[start:] for ids, _, start in pair]
             if max_length is not None:
                 prompt, responses = _fit_split(prompt, responses, max_length, report)
+        if layout == "dpo":
             out["prompt_ids"].append(prompt)
             if keys == ("completion",):
                 out["completion_ids"].append(responses[0])
@@ -184,13 +202,10 @@ def encode_preference(dataset, tokenizer, *, max_length: int | None, on_long: st
             else:
                 out["chosen_ids"].append(responses[0])
                 out["rejected_ids"].append(responses[1])
+        elif max_length is not None and longest > max_length:
+            out["chosen_ids"].append(prompt + responses[0])
+            out["rejected_ids"].append(prompt + responses[1])
         else:
-            if max_length is not None and longest > max_length:
-                counted = LengthReport()
-                pair = [(*_fit(ids, labels, start, max_length, counted), start) for ids, labels, start in pair]
-                report.over_limit += 1
-                report.prompt_trimmed += int(counted.prompt_trimmed > 0 and counted.response_cut == 0)
-                report.response_cut += int(counted.response_cut > 0)
             out["chosen_ids"].append(pair[0][0])
             out["rejected_ids"].append(pair[1][0])
         if has_margin:
