@@ -265,9 +265,13 @@ def summarize(path) -> str | None:
                 pass_rates.setdefault(label[side], ver[f"{side}_pass_rate"])
         st = report.get("stats") or {}
         if st:
-            lo, hi = st["wilson"]
+            lo, hi = st.get("interval") or st["wilson"]
             lines.append(f"| win rate {label['policy']} vs {label['reference']} (judge {report['judge']['name']}) | "
                          f"{st['win_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}; ties {st['tie_rate']:.3f}, n={st['n']}) |")
+            if st.get("lc_win_rate") is not None:
+                lci = st.get("lc_interval") or (float("nan"), float("nan"))
+                lines.append(f"| same, length-controlled | {st['lc_win_rate']:.3f} (95% CI {lci[0]:.3f}-{lci[1]:.3f})"
+                             f"{'; ' + st['lc_warning'] if st.get('lc_warning') else ''} |")
     if not lines and not pass_rates:
         return None
     table = ["| result | value |", "|---|---|"]

@@ -161,7 +161,7 @@ def _evaluate(run, args, prompts, prompt_info, decoding, make_judge, redact_text
     artifacts.write_json(out / artifacts.MANIFEST, {
         "status": artifacts.COMPLETE, "stage": STAGE, "fingerprint": fp, "inputs": run.components,
         "policy": str(args.policy), "reference": str(args.reference), "judge": redact_text(args.judge), "prompts": prompt_info,
-        "metrics": {k: report["stats"][k] for k in ("win_rate", "tie_rate", "wilson", "bootstrap", "lc_win_rate")},
+        "metrics": {k: report["stats"][k] for k in ("win_rate", "tie_rate", "interval", "wilson", "bootstrap", "lc_win_rate", "lc_interval") if k in report["stats"]},
         "command": " ".join(scrub_argv(sys.argv)), "packages": artifacts.package_versions(), "git_commit": artifacts.git_commit(),
         "duration_s": round(time.time() - started, 1)})
     S.log(STAGE, stats.headline())
