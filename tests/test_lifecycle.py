@@ -291,3 +291,12 @@ def test_the_recipe_env_is_exported_before_transformers_is_imported(tiny_llama, 
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "loading configuration file" in proc.stderr
+
+
+def test_secret_keys_are_masked_but_metric_names_survive():
+    from stages.core.secrets import redact_text, scrub, scrub_argv
+
+    kept = {"kl_per_token": 0.1, "pad_token": "<p>", "mean_token_accuracy": 0.5, "num_tokens": 3}
+    assert scrub({"hub_token": "x", "HF_TOKEN": "x", "my_api_key": "x", "db_password": "x", **kept}) == kept
+    assert scrub_argv(["--hub_token", FAKE_TOKEN, "--api-key=abc", "--lr", "1"]) == ["--hub_token", "***", "--api-key=***", "--lr", "1"]
+    assert redact_text("llm:https://bob:pw@host:8000/v1 and " + FAKE_TOKEN) == "llm:https://***@host:8000/v1 and ***"

@@ -113,10 +113,17 @@ def reward_source_key(spec) -> str | None:
         if found and found.origin:
             sources.append(Path(found.origin).read_text())
     text = json.dumps(spec, sort_keys=True, default=str)
-    for word in text.replace('"', " ").split():  # a rule spec may point at a file (YAML/JSON spec, python module)
+    for word in text.replace('"', " ").replace(",", " ").split():  # a spec may point at a file or a module:function
         p = Path(word.split(":")[0])
         if p.suffix in (".py", ".yaml", ".yml", ".json") and p.is_file():
             sources.append(p.read_text())
+        elif ":" in word and word.split(":")[0].replace(".", "").replace("_", "").isalnum():
+            try:
+                found = importlib.util.find_spec(word.split(":")[0])
+            except (ImportError, ValueError):
+                found = None
+            if found and found.origin and Path(found.origin).is_file():
+                sources.append(Path(found.origin).read_text())
     return artifacts.fingerprint([text, *sources])
 
 

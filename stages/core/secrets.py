@@ -1,14 +1,16 @@
 """What never reaches a written file: values of secret-looking keys and flags, credentials in URLs, tokens.
 
 Used for the manifest's recorded command, chain output, logs, reports and model cards. A key is secret
-when it ends in "token" (hub_token, access_token) or names a key/secret/password/credential anywhere;
-the tokenizer's special tokens and metric names (num_tokens, mean_token_accuracy) are not.
+when it ends in "token" (hub_token, access_token, token) or names a key/secret/password/credential anywhere;
+the tokenizer's special tokens and metric names (kl_per_token, num_tokens, mean_token_accuracy) are not.
 """
 from __future__ import annotations
 
 import re
 
-SECRET = re.compile(r"token$|secret|password|passwd|api_?key|credential|private_key", re.I)
+SECRET = re.compile(r"(^|_)(hub|access|auth|api|hf|bearer|refresh|session|github|gh|wandb|private|secret|user)?_?token$"
+                    r"|secret|password|passwd|api_?key|credential|private_key", re.I)
+METRIC = re.compile(r"(per|mean|num|avg|total|max|min)_token$", re.I)  # kl_per_token, num_token: figures, not secrets
 NOT_SECRET = {"pad_token", "eos_token", "bos_token", "unk_token", "sep_token", "cls_token", "mask_token",
               "num_virtual_tokens", "max_new_tokens", "trust_remote_code"}
 MASK = "***"
@@ -19,7 +21,7 @@ _TOKENS = re.compile(r"\bhf_[A-Za-z0-9]{30,}|\bsk-[A-Za-z0-9_-]{20,}|(?i:bearer\
 
 def is_secret(key) -> bool:
     key = str(key).lstrip("-").replace("-", "_")
-    return key not in NOT_SECRET and bool(SECRET.search(key))
+    return key not in NOT_SECRET and not METRIC.search(key) and bool(SECRET.search(key))
 
 
 def redact_text(text: str) -> str:
