@@ -125,3 +125,9 @@ def test_a_real_tiny_sft_output_carries_its_card(tiny_llama, tmp_path):
     assert "| `learning_rate` | 0.005 |" in text and "| `max_steps` | 6 |" in text
     assert m["command"] in text and m["recipe_path"] in text and m["packages"]["peft"] in text
     assert str(tiny_llama) in text
+
+
+def test_pipeline_tag_comes_from_the_stage_registry():
+    assert front(modelcard.render({"stage": "rm", "status": "complete"}))["pipeline_tag"] == "text-classification"
+    assert front(modelcard.render({"stage": "dpo", "status": "complete"}))["pipeline_tag"] == "text-generation"
+    assert "pipeline_tag" not in front(modelcard.render({"status": "complete"}))  # not a suite stage: no claim

@@ -108,6 +108,11 @@ def front_matter(manifest: dict, stage: str, library: str) -> list[str]:
     if base:
         lines.append(f"base_model: {base}")
     lines.append(f"library_name: {library}")
+    from stages.registry import model_task_of_manifest
+
+    task = model_task_of_manifest(dict(manifest, stage=stage))  # from the stage registry
+    if task:
+        lines.append(f"pipeline_tag: {'text-classification' if task == 'seq_cls' else 'text-generation'}")
     tags = ["rlhf-suite", stage] + [t for t in (manifest.get("peft_method"),) if t and t != "full"]
     lines += ["tags:"] + [f"- {t}" for t in dict.fromkeys(tags)]
     hub_data = [s.get("source", "").split(" [")[0] for s in (manifest.get("data") or {}).get("sources", [])]
