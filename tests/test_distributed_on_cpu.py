@@ -174,15 +174,15 @@ CRASH = """
 import sys
 sys.path.insert(0, {root!r})
 from transformers import TrainerCallback
-from stages.core import stage as S
+from stages.core.lifecycle import StageRun
 
 class Crash(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         if state.global_step == 4:
             raise SystemExit(3)
 
-_callbacks = S.callbacks
-S.callbacks = lambda args: _callbacks(args) + [Crash()]
+_callbacks = StageRun.callbacks
+StageRun.callbacks = lambda self: _callbacks(self) + [Crash()]
 from stages import sft
 sys.exit(sft.cli(sys.argv[1:]))
 """

@@ -99,10 +99,10 @@ class StepTimer:
 
 def patch_stage_callbacks(timer):
     """Add the timer to the callbacks our stages build (the stages themselves are unchanged)."""
-    from stages.core import stage as S
+    from stages.core.lifecycle import StageRun
 
-    original = S.callbacks
-    S.callbacks = lambda args: original(args) + [timer]
+    original = StageRun.callbacks
+    StageRun.callbacks = lambda self: original(self) + [timer]
 
 
 def common_overrides(out: Path, steps: int) -> list[str]:
