@@ -26,12 +26,9 @@ STAGE = "ppo"
 
 
 def main(argv=None, callbacks=None):
-    from stages.core.lifecycle import StageRun
+    from stages.core.lifecycle import run_stage
 
-    with StageRun(STAGE, argv) as run:
-        if run.done:
-            return run.output_dir
-        return train(run, callbacks)
+    return run_stage(STAGE, argv, train, callbacks=callbacks)
 
 
 def train(run, callbacks=None):

@@ -24,12 +24,9 @@ STAGE = "rm"
 
 
 def main(argv=None):
-    from stages.core.lifecycle import StageRun
+    from stages.core.lifecycle import run_stage
 
-    with StageRun(STAGE, argv) as run:
-        if run.done:
-            return run.output_dir
-        return train(run)
+    return run_stage(STAGE, argv, train)
 
 
 def train(run):

@@ -42,12 +42,9 @@ def padding_free_default(args, method: str) -> bool:
 
 
 def main(argv=None):
-    from stages.core.lifecycle import StageRun
+    from stages.core.lifecycle import run_stage
 
-    with StageRun(STAGE, argv) as run:
-        if run.done:
-            return run.output_dir
-        return train(run)
+    return run_stage(STAGE, argv, train)
 
 
 def train(run):

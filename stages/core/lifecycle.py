@@ -7,7 +7,7 @@
 
 A stage module keeps only what differs (its model task, encoder, trainer, metrics):
 
-    with StageRun("sft", argv) as run:
+    with StageRun("sft", argv) as run:       # or: return run_stage("sft", argv, train)
         if run.done:
             return run.output_dir
         ...build policy, encode run.data, make the trainer with callbacks=run.callbacks()...
@@ -42,6 +42,12 @@ def checkpoint_fingerprint(ckpt: Path) -> str | None:
         return json.loads((Path(ckpt) / "trainer_state.json").read_text()).get("fingerprint")
     except (OSError, ValueError):
         return None
+
+
+def run_stage(stage: str, argv, train, **kwargs):
+    """A stage module's main: the lifecycle around its `train(run)` (skipped when nothing is to do)."""
+    with StageRun(stage, argv) as run:
+        return run.output_dir if run.done else train(run, **kwargs)
 
 
 def fingerprint_of(stage: str, argv: list[str]) -> tuple[str, dict]:

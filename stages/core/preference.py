@@ -38,12 +38,9 @@ def _trainer_class(spec):
 
 
 def run(method_name: str, argv=None):
-    from .lifecycle import StageRun
+    from .lifecycle import run_stage
 
-    with StageRun(method_name, argv) as stage_run:
-        if stage_run.done:
-            return stage_run.output_dir
-        return train(stage_run)
+    return run_stage(method_name, argv, train)
 
 
 def train(run):
