@@ -137,3 +137,14 @@ def test_pair_layout_judges_both_responses_after_the_same_prompt():
     assert len(r) == 80 and c == prompt[-kept:] + short and r == prompt[-kept:] + long
     assert c[:kept] == r[:kept]
     assert rep.over_limit == 1 and rep.prompt_trimmed == 1 and rep.response_cut == 0
+
+
+def test_ppo_prompts_keep_their_end_including_the_generation_prompt():
+    from stages.core.ppo.rollout import encode_prompts
+
+    class Tok:
+        def apply_chat_template(self, msgs, **kw):
+            return {"input_ids": [1, 2, 3, 4, 5, 6, 7, 99]}  # 99: the assistant header the policy continues from
+
+    ids, report = encode_prompts(Tok(), ["long", "x"], 3)
+    assert ids == [[6, 7, 99], [6, 7, 99]] and report.trimmed == 2 and report.rows == 2

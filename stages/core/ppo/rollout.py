@@ -25,15 +25,17 @@ class PromptLengths:
 
 
 def encode_prompts(tokenizer, prompts: list, max_prompt_length: int) -> tuple[list[list[int]], PromptLengths]:
-    """Chat-template each prompt with the generation prompt; over-long ones keep their last tokens."""
+    """Chat-template each prompt with the generation prompt; over-long ones keep their last tokens
+    (the suite's one truncation rule, encode.fit_prompt_response, with no response yet)."""
+    from ..encode import fit_prompt_response
+
     out, report = [], PromptLengths()
     for p in prompts:
         msgs = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
         ids = list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
         report.rows += 1
-        if len(ids) > max_prompt_length:
-            report.trimmed += 1
-            ids = ids[-max_prompt_length:]
+        ids, _, what = fit_prompt_response(ids, [], max_prompt_length)
+        report.trimmed += what is not None
         out.append(ids)
     return out, report
 
