@@ -13,10 +13,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import sys
 import types
 
 import torch
+
+_log = logging.getLogger(__name__)
 
 
 def _supported(model) -> bool:
@@ -28,21 +32,54 @@ def _supported(model) -> bool:
             and not getattr(text, "output_router_logits", False))
 
 
+# What the compact path computes; a request for any other FusedCausalLMOutput field goes to TRL.
+COMPUTED = ("log_probs", "entropy", "mean_logits", "is_top1")
+# Per-call flags TRL's backbone honours but this path would drop: such calls go to TRL too.
+_STEP_ASIDE_FLAGS = ("output_attentions", "output_hidden_states", "output_router_logits")
+
+
+def trl_request(forward) -> dict | None:
+    """The add_fused_lm_head arguments (outputs, temperature, cast_lm_head_to_fp32) closed over by TRL's
+    patched forward, or None if `forward` is not one (TRL private internals, pinned by tests/test_fastpath.py)."""
+    fn = getattr(forward, "__func__", forward)
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    if code is None or code.co_name != "_fused_forward" or not cells:
+        return None
+    free = dict(zip(code.co_freevars, cells))
+    try:
+        return {k: free[k].cell_contents for k in ("outputs", "temperature", "cast_lm_head_to_fp32")}
+    except (KeyError, ValueError):
+        return None
+
+
 def compact_lm_head(model) -> bool:
     """Replace TRL's fused LM head on `model` (already patched by TRL) with the compact CPU path.
 
-    Only CPU tensors take the new path; anything else (CUDA, shift_labels, unpatched calls) goes to TRL.
-    Returns whether it was installed.
+    Not installed when TRL was asked for a field this path does not compute (log_sum_sq_probs, for DPO's
+    use_weighting), a temperature or an fp32 head; per call, anything else it does not handle (CUDA,
+    shift_labels, output_* flags, calls without fused_lm_head) goes to TRL. Returns whether it was installed.
     """
     from trl.trainer.utils import FusedCausalLMOutput
 
     if not _supported(model) or getattr(model, "_rlhf_compact_lm_head", False):
         return False
     trl_forward = model.forward
+    request = trl_request(trl_forward)
+    if request is None:
+        _log.info("fastpath: %s.forward is not TRL's fused LM head; compact LM head not installed", type(model).__name__)
+        return False
+    if request["temperature"] != 1.0 or request["cast_lm_head_to_fp32"]:
+        return False
+    wanted = tuple(request["outputs"])
+    if any(f not in COMPUTED for f in wanted):  # e.g. DPO use_weighting asks for log_sum_sq_probs: TRL's forward stays
+        return False
 
+    @functools.wraps(type(model).forward)  # keep the signature: generate() inspects it (position_ids, logits_to_keep)
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if not fused_lm_head or shift_labels is not None or labels is None or ids is None or ids.device.type != "cpu":
+        if (not fused_lm_head or shift_labels is not None or labels is None or ids is None
+                or ids.device.type != "cpu" or kwargs.get("return_dict") is False
+                or any(kwargs.get(f) for f in _STEP_ASIDE_FLAGS)):
             return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
                                num_items_in_batch=num_items_in_batch, **kwargs)
         kwargs["use_cache"] = False
@@ -54,18 +91,17 @@ def compact_lm_head(model) -> bool:
         logp = logits.log_softmax(-1)
         picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
         with torch.no_grad():
-            entropy = -(logp.exp() * logp).sum(-1)
-            is_top1 = logits.argmax(-1) == target
-            mean_logits = logits.mean(-1)
+            extra = {"entropy": lambda: -(logp.exp() * logp).sum(-1), "is_top1": lambda: logits.argmax(-1) == target,
+                     "mean_logits": lambda: logits.mean(-1)}
+            extra = {k: f() if k in wanted else None for k, f in extra.items()}  # unrequested: None, as TRL
 
-        def full(x, dtype=None):
-            return x.new_zeros(mask.shape, dtype=dtype or x.dtype).masked_scatter(mask, x)
+        def full(x):
+            return None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
 
-        log_probs = full(picked)
         denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        return FusedCausalLMOutput(loss=-picked.sum() / denom, log_probs=log_probs, entropy=full(entropy),
-                                   log_sum_sq_probs=None, mean_logits=full(mean_logits), is_top1=full(is_top1),
-                                   label_mask=mask, aux_loss=None)
+        return FusedCausalLMOutput(loss=-picked.sum() / denom, log_probs=full(picked), entropy=full(extra["entropy"]),
+                                   log_sum_sq_probs=None, mean_logits=full(extra["mean_logits"]),
+                                   is_top1=full(extra["is_top1"]), label_mask=mask, aux_loss=None)
 
     model.forward = types.MethodType(forward, model)
     model._rlhf_compact_lm_head = True
@@ -79,15 +115,16 @@ def during_init(trainer_cls, *, bf16: bool):
     mod = next((sys.modules[c.__module__] for c in trainer_cls.__mro__
                 if hasattr(sys.modules.get(c.__module__), "add_fused_lm_head")), None)
     if mod is None:
+        _log.warning("fastpath: no add_fused_lm_head in the modules of %s (TRL changed?); CPU fast paths not installed",
+                     trainer_cls.__name__)
         yield
         return
     original = mod.add_fused_lm_head
 
     def patched(model, *args, **kwargs):
         original(model, *args, **kwargs)
-        plain = not args and kwargs.get("temperature", 1.0) == 1.0 and not kwargs.get("cast_lm_head_to_fp32")
-        if plain and _on_cpu(model):
-            compact_lm_head(model)
+        if _on_cpu(model):
+            compact_lm_head(model)  # reads TRL's own arguments; steps aside for what it does not compute
             if bf16:
                 bf16_frozen_weights(model)
 
