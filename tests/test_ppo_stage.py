@@ -181,6 +181,7 @@ def test_a_causal_lm_is_refused_as_reward_model(tiny_llama, tmp_path, capsys):
     ([], "reward_model or reward: required"),
     (["--reward", "demo_verifier", "--rollout_batch_size", "12"], "multiple of per_device_train_batch_size"),
     (["--reward", "demo_verifier", "--kl_estimator", "k2"], "kl_estimator"),
+    (["--reward", "demo_verifier", "--adaptive_kl", "true", "--kl_coef", "0"], "adaptive_kl: needs a positive starting kl_coef"),
 ])
 def test_config_errors_are_one_line(tiny_llama, tmp_path, capsys, extra, message):
     code = ppo.cli(["--config", TINY, "--model_name_or_path", str(tiny_llama), "--output_dir", str(tmp_path / "x"), *extra])

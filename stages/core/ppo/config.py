@@ -98,6 +98,8 @@ class PPOConfig(TrainingArguments):
                 raise ConfigError(f"{key}: must be in [0, 1], got {getattr(c, key)}")
         if c.kl_coef < 0 or c.vf_coef < 0:
             raise ConfigError("kl_coef and vf_coef: must not be negative")
+        if c.adaptive_kl and c.kl_coef == 0:  # the controller's multiplicative update can never leave 0
+            raise ConfigError("adaptive_kl: needs a positive starting kl_coef (got kl_coef: 0)")
         mini = c.per_device_train_batch_size * c.gradient_accumulation_steps
         if c.rollout_batch_size % mini:
             raise ConfigError(f"rollout_batch_size ({c.rollout_batch_size}) must be a multiple of per_device_train_batch_size "
