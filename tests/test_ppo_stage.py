@@ -133,6 +133,15 @@ def _roles(model_dir, reward_model, method):
     return build_roles(policy, cfg, device="cpu", load_reward=lambda p: load_reward_model(p, device="cpu")), cfg
 
 
+def test_an_ia3_policy_loads_a_lora_reward_model_separately(tiny_llama, reward_models, capsys):
+    lora_rm, _ = reward_models
+    roles, _ = _roles(tiny_llama, lora_rm, "ia3")
+    assert roles.mode == "peft" and roles.info["reward"] == "separate model"
+    assert "cannot mix adapter types" in capsys.readouterr().out
+    prompts = [[{"role": "user", "content": "What is red?"}]]
+    assert len(roles.reward_model.score(prompts, ["red"])) == 1
+
+
 def test_a_lora_reward_model_on_the_same_base_becomes_an_adapter_that_scores_identically(tiny_llama, reward_models):
     from reward.model import load_reward_model
 

@@ -178,6 +178,10 @@ def _build_peft(policy, cfg, device, load_reward) -> Roles:
         raise ConfigError(f"peft_method: PPO's one-base mode supports lora, dora, qlora and ia3, not {policy.method}")
     lm = get_peft_model(policy.model, policy.peft_config, adapter_name="policy")
     rm_cfg = SR.shareable_reward_adapter(cfg.reward_model, policy)
+    if rm_cfg is not None and policy.method == "ia3":  # PEFT cannot mix IA3 and LoRA adapters on one model
+        print("[ppo] the reward model is a LoRA and the policy IA3: PEFT cannot mix adapter types on one base, so "
+              "the reward model is loaded as a separate model", flush=True)
+        rm_cfg = None
     value = _value_init(cfg, rm_cfg is not None, "a reward model that is a LoRA on the policy's base in PEFT mode "
                                                   "(or peft_method: full)")
     reward_head = None
