@@ -94,6 +94,17 @@ class WinRateCallback(TrainerCallback):
             self._reference(model, processing_class)  # snapshot of the starting policy
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, processing_class=None, **kw):
+        """Generation seeds the RNGs (decoding.seed); training's own random streams continue as if it never ran."""
+        from stages.core.ppo.checkpoint import _rng_state, _set_rng_state
+
+        saved = _rng_state()
+        try:
+            return self._on_evaluate(args, state, control, metrics=metrics, model=model,
+                                     processing_class=processing_class, **kw)
+        finally:
+            _set_rng_state(saved)
+
+    def _on_evaluate(self, args, state, control, metrics=None, model=None, processing_class=None, **kw):
         metrics = metrics if metrics is not None else {}
         if "eval_loss" not in metrics and any(k.endswith("_loss") for k in metrics):
             return  # a "before training" evaluation under another prefix, not a training evaluation

@@ -208,3 +208,22 @@ def test_callback_reference_defaults_to_the_starting_policy(tiny_llama):
     assert [h["winrate"] for h in cb.history] == [0.5] and cb.history[0]["winrate_tie_rate"] == 1.0
     assert metrics["eval_winrate"] == 0.5 and state.log_history[-1]["step"] == 5
     assert tok.padding_side == "right"
+
+
+def test_winrate_callback_leaves_the_training_rng_where_it_was(tiny_llama, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
+    cb = WinRateCallback("demo:prompts", judge="verifier", every=1, max_prompts=2,
+                         decoding=G.Decoding(max_new_tokens=3, temperature=1.0, seed=7), out_dir=tmp_path / "wr", n_boot=50)
+    class State:
+        global_step, epoch, is_world_process_zero, log_history = 1, 1.0, True, []
+
+    cb.on_train_begin(None, State(), None, model=model, processing_class=tok)
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+    cb.on_evaluate(None, State(), None, metrics={"eval_loss": 1.0}, model=model, processing_class=tok)
+    assert cb.history  # it did generate and judge
+    assert torch.equal(torch.rand(4), expected)  # the sampling seed did not leak into training's stream
