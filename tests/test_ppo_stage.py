@@ -82,6 +82,21 @@ class Seen:
         self.updates.append(update)
 
 
+def test_a_checkpoint_missing_trainable_weights_is_refused(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    args = ["--reward", TOY_REWARD, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1"]
+    out = tmp_path / "ppo"
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run_ppo(tiny_llama, out, *args, callbacks=[Crash(at=2)])
+    f = tmp_path / ".ppo.work" / "checkpoints" / "checkpoint-2" / "trainable.safetensors"
+    weights = load_file(str(f))
+    dropped = sorted(weights)[0]
+    save_file({k: v for k, v in weights.items() if k != dropped}, str(f))
+    with pytest.raises(RuntimeError, match=f"missing {dropped}"):
+        run_ppo(tiny_llama, out, *args)
+
+
 def test_resume_after_a_crash_continues_and_matches_an_uninterrupted_run(tiny_llama, tmp_path):
     args = ["--reward", TOY_REWARD, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "1"]
     straight = tmp_path / "straight"

@@ -102,8 +102,10 @@ def load(trainer, path: str | Path) -> dict:
         weights = load_file(str(path / "trainable.safetensors"))
         params = dict(trainer.actor_critic.named_parameters())
         unknown = sorted(set(weights) - set(params))
-        if unknown:
-            raise RuntimeError(f"{path}: checkpoint weights do not match the model (e.g. {unknown[0]}); "
+        missing = sorted(n for n, p in params.items() if p.requires_grad and n not in weights)
+        if unknown or missing:  # a partial load would silently resume half-trained weights
+            what = f"unknown {unknown[0]}" if unknown else f"missing {missing[0]}"
+            raise RuntimeError(f"{path}: checkpoint weights do not match the model ({what}); "
                                "was the config changed since this checkpoint was written?")
         with torch.no_grad():
             for name, tensor in weights.items():
