@@ -53,7 +53,7 @@ def train(run):
     trainer = RewardTrainer(model=policy.model, args=args.training, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=policy.tokenizer, peft_config=policy.peft_config,
                             callbacks=run.callbacks())
-    S.log_fast_paths(trainer, STAGE, lm_head=False)
+    S.log_fast_paths(trainer, STAGE, args, lm_head=False)
     summary = trainable_summary(trainer.model)
     S.log(STAGE, f"{policy.method}: {summary['trainable_params']:,} trainable of {summary['total_params']:,} "
                  f"parameters ({summary['trainable_pct']:.2f}%)")

@@ -73,12 +73,12 @@ def train(run):
     t = args.training
     if t.padding_free and not t.packing:
         t.max_length = None  # rows are already fitted to max_length above; TRL wants None here
-    with fastpath.during_init(SFTTrainer, bf16=t.bf16):
+    with fastpath.during_init(SFTTrainer, bf16=t.bf16, **S.fast_path_flags(args)):
         trainer = SFTTrainer(model=policy.model, args=t, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=policy.tokenizer, peft_config=policy.peft_config,
                              callbacks=run.callbacks())
     t.max_length = max_len
-    S.log_fast_paths(trainer, STAGE)
+    S.log_fast_paths(trainer, STAGE, args)
     S.log(STAGE, "batches: " + ("packed" if t.packing else "padding-free (sequences concatenated, no pad tokens)"
                                 if t.padding_free else "padded"))
     summary = trainable_summary(trainer.model)

@@ -212,3 +212,12 @@ def test_checkpointing_goes_back_on_only_when_activations_would_not_fit(tiny_lla
     monkeypatch.undo()
     run_sft(tiny_llama, tmp_path / "roomy", "--max_steps", "1")
     assert manifest(tmp_path / "roomy")["config"]["training"]["gradient_checkpointing"] is False
+
+
+def test_each_cpu_fast_path_has_a_recipe_key_that_turns_it_off(tiny_llama, tmp_path, capsys):
+    run_sft(tiny_llama, tmp_path / "on", "--max_steps", "1")
+    on = capsys.readouterr().out
+    assert "compact LM head" in on and "bf16 frozen weights" in on
+    run_sft(tiny_llama, tmp_path / "off", "--max_steps", "1", "--compact_lm_head", "false", "--bf16_frozen_weights", "false")
+    off = capsys.readouterr().out
+    assert "compact LM head" not in off and "bf16 frozen weights" not in off

@@ -127,6 +127,8 @@ class RunArguments:
     keep_checkpoints: bool = field(default=False, metadata={"help": "Keep intermediate checkpoints after the stage completes."})
     force: bool = field(default=False, metadata={"help": "Replace a completed output directory whose config differs."})
     license: str | None = field(default=None, metadata={"help": "License for the model card (e.g. apache-2.0)."})
+    compact_lm_head: bool = field(default=True, metadata={"help": "CPU fast path: score only labelled positions in TRL's SFT/DPO LM head (false: TRL's own)."})
+    bf16_frozen_weights: bool = field(default=True, metadata={"help": "CPU fast path: keep frozen base weights in bf16 under bf16 autocast (false: fp32)."})
 
     def __post_init__(self):
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):

@@ -109,7 +109,7 @@ def compact_lm_head(model) -> bool:
 
 
 @contextlib.contextmanager
-def during_init(trainer_cls, *, bf16: bool):
+def during_init(trainer_cls, *, bf16: bool, lm_head: bool = True, frozen_bf16: bool = True):
     """While a TRL trainer is built, its own `add_fused_lm_head` call also installs the CPU fast paths,
     so the work TRL does in `__init__` (precomputed reference log-probs) has the numerics of training."""
     mod = next((sys.modules[c.__module__] for c in trainer_cls.__mro__
@@ -124,8 +124,9 @@ def during_init(trainer_cls, *, bf16: bool):
     def patched(model, *args, **kwargs):
         original(model, *args, **kwargs)
         if _on_cpu(model):
-            compact_lm_head(model)  # reads TRL's own arguments; steps aside for what it does not compute
-            if bf16:
+            if lm_head:
+                compact_lm_head(model)  # reads TRL's own arguments; steps aside for what it does not compute
+            if bf16 and frozen_bf16:
                 bf16_frozen_weights(model)
 
     mod.add_fused_lm_head = patched
@@ -140,7 +141,7 @@ def _on_cpu(model) -> bool:
     return p is not None and p.device.type == "cpu" and not torch.cuda.is_available()
 
 
-def install(trainer, *, lm_head: bool = True) -> list[str]:
+def install(trainer, *, lm_head: bool = True, frozen_bf16: bool = True) -> list[str]:
     """Apply the CPU fast paths to a TRL trainer's model (and reference); returns what was applied."""
     applied = set()
     for m in (trainer.model, getattr(trainer, "ref_model", None)):
@@ -151,7 +152,7 @@ def install(trainer, *, lm_head: bool = True) -> list[str]:
             continue
         if lm_head and (compact_lm_head(base) or getattr(base, "_rlhf_compact_lm_head", False)):
             applied.add("compact LM head")
-        if getattr(trainer.args, "bf16", False):
+        if getattr(trainer.args, "bf16", False) and frozen_bf16:
             bf16_frozen_weights(base)
             if any(getattr(m, "_rlhf_bf16", False) for m in base.modules()):
                 applied.add("bf16 frozen weights")

@@ -76,11 +76,11 @@ def train(run):
         # full fine-tuning: the reference is a frozen copy of the model as loaded (the merged SFT policy);
         # left to TRL it would be rebuilt from config._name_or_path, i.e. the raw base
         extra["ref_model"] = frozen_reference(policy.model)
-    with fastpath.during_init(trainer_cls, bf16=args.training.bf16):
+    with fastpath.during_init(trainer_cls, bf16=args.training.bf16, **S.fast_path_flags(args)):
         trainer = trainer_cls(
             model=policy.model, args=args.training, train_dataset=splits["train"], eval_dataset=splits.get("validation"),
             processing_class=policy.tokenizer, peft_config=policy.peft_config, callbacks=run.callbacks(), **extra)
-    S.log_fast_paths(trainer, name, lm_head=name == "dpo")
+    S.log_fast_paths(trainer, name, args, lm_head=name == "dpo")
     summary = trainable_summary(trainer.model)
     S.log(name, f"{policy.method}: {summary['trainable_params']:,} trainable of {summary['total_params']:,} "
                 f"parameters ({summary['trainable_pct']:.2f}%); reference: {reference_kind(policy, name)}")

@@ -151,10 +151,16 @@ def checkpointing_for_memory(args: ParsedArgs, model, stage: str, *, rows_per_ex
                    "of the available memory (set gradient_checkpointing: false to insist)")
 
 
-def log_fast_paths(trainer, stage: str, *, lm_head: bool = True) -> None:
+def fast_path_flags(args: ParsedArgs) -> dict:
+    """The recipe keys that turn each CPU fast path off (compact_lm_head, bf16_frozen_weights)."""
+    return {"lm_head": args.run.compact_lm_head, "frozen_bf16": args.run.bf16_frozen_weights}
+
+
+def log_fast_paths(trainer, stage: str, args: ParsedArgs, *, lm_head: bool = True) -> None:
     from .fastpath import install
 
-    applied = install(trainer, lm_head=lm_head)
+    flags = fast_path_flags(args)
+    applied = install(trainer, lm_head=lm_head and flags["lm_head"], frozen_bf16=flags["frozen_bf16"])
     if applied:
         log(stage, "CPU fast paths: " + ", ".join(applied))
 
