@@ -129,12 +129,18 @@ def crash_after(monkeypatch, step):
     monkeypatch.setattr(StageRun, "callbacks", lambda self: orig(self) + [CrashAfter()])
 
 
-def test_a_changed_learning_rate_refuses_resume_and_force_starts_afresh(tiny_llama, tmp_path, monkeypatch):
+def interrupted_run(model, tmp_path, monkeypatch):
+    """An SFT run killed after step 4: checkpoint-3 stays in the work dir, no output."""
     out = tmp_path / "sft"
     crash_after(monkeypatch, 4)
     with pytest.raises(_Crash):
-        run_sft(tiny_llama, out)
+        run_sft(model, out)
     monkeypatch.undo()
+    return out
+
+
+def test_a_changed_learning_rate_refuses_resume_and_force_starts_afresh(tiny_llama, tmp_path, monkeypatch):
+    out = interrupted_run(tiny_llama, tmp_path, monkeypatch)
     ckpt = tmp_path / ".sft.work" / "checkpoints" / "checkpoint-3"
     assert json.loads((ckpt / lifecycle.CHECKPOINT_FINGERPRINT).read_text())["fingerprint"]
     with pytest.raises(ConfigError, match=r"cannot be resumed.*learning_rate.*--force true"):
@@ -148,11 +154,7 @@ def test_a_changed_learning_rate_refuses_resume_and_force_starts_afresh(tiny_lla
 
 
 def test_damaged_and_pre_fingerprint_checkpoints(tiny_llama, tmp_path, monkeypatch):
-    out = tmp_path / "sft"
-    crash_after(monkeypatch, 4)
-    with pytest.raises(_Crash):
-        run_sft(tiny_llama, out)
-    monkeypatch.undo()
+    out = interrupted_run(tiny_llama, tmp_path, monkeypatch)
     work = tmp_path / ".sft.work"
     ckpt = work / "checkpoints" / "checkpoint-3"
     (ckpt / "trainer_state.json").write_text("{not json")  # damaged: skipped like an incomplete one
