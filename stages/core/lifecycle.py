@@ -255,7 +255,8 @@ class StageRun:
         try:
             from .plots import plot_curves
 
-            plot_curves(history, staging / "curves.png", title=f"{self.stage}: {self.output_dir.name}")
+            plot_curves(history, staging / "curves.png", title=f"{self.stage}: {self.output_dir.name}", stage=self.stage,
+                        metrics=manifest.get("metrics"))
         except Exception as e:  # a plot must never cost the artifact
             log(self.stage, f"could not draw curves.png: {e}")
         try:
