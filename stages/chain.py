@@ -174,6 +174,7 @@ def run_chain(path: str | Path, *, dry_run: bool = False, only: list[str] | None
 
 def _run(chain: dict, run_dir: Path, *, dry_run: bool, only) -> dict:
     results: dict[str, str] = {}
+    chain_start = time.time()
     names = list(chain["stages"])
     for i, name in enumerate(names, 1):
         spec = chain["stages"][name]
@@ -201,14 +202,21 @@ def _run(chain: dict, run_dir: Path, *, dry_run: bool, only) -> dict:
             results[name] = "planned"
             continue
         t0 = time.time()
+        print(f"{tag}: started at {time.strftime('%H:%M:%S')} ({_elapsed(t0 - chain_start)} into the chain)", flush=True)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         proc = subprocess.run(cmd, env=env, cwd=os.getcwd())
         if proc.returncode != 0:
             raise ConfigError(f"stage '{name}' failed (exit {proc.returncode}); fix the problem and re-run: "
                               "finished stages are skipped and this one resumes from its last checkpoint")
-        print(f"{tag}: done in {time.time() - t0:.0f} s", flush=True)
+        print(f"{tag}: finished in {_elapsed(time.time() - t0)} ({_elapsed(time.time() - chain_start)} into the chain)", flush=True)
         results[name] = "ran"
     return results
+
+
+def _elapsed(seconds: float) -> str:
+    from .core.progress import format_duration
+
+    return format_duration(seconds)
 
 
 DEMO_CHAINS = {"dpo": ROOT / "recipes/smollm2-135m/sft-rm-dpo.yaml", "ppo": ROOT / "recipes/smollm2-135m/sft-rm-ppo.yaml"}
@@ -238,7 +246,18 @@ def cli(argv=None) -> int:
         summary = summarize(path)
         if summary:
             print(summary, flush=True)
+        print(f"[chain] report: {write_chain_report(path)}", flush=True)
     return 0
+
+
+def write_chain_report(path) -> str:
+    """report.html for the whole run dir (stages/report.py); a failure is said, never fatal to a finished chain."""
+    from .report import write_report
+
+    try:
+        return str(write_report(Path(load_chain(path)["run_dir"]).resolve()))
+    except Exception as e:  # the stages are finished and intact whatever happens here
+        return f"not written ({e})"
 
 
 def summarize(path) -> str | None:

@@ -16,6 +16,9 @@ TOOLS = {
     "export": ("stages.export", "cli", "merge a stage output into a standalone safetensors model (transformers/vLLM/TGI)"),
     "chat": ("stages.chat", "cli", "chat with a stage output or export in the terminal (--prompt for one reply)"),
     "demo-data": ("stages.core.demo", "cli", "write the built-in demo datasets as JSONL files"),
+    "report": ("stages.report", "main", "write one self-contained report.html for a stage output or a chain run dir"),
+    "runs": ("stages.runs", "runs_main", "list finished stage outputs under a folder (stage, base, data, key metrics, when)"),
+    "compare": ("stages.runs", "compare_main", "stage outputs side by side: differing settings and data, metrics, curves"),
 }
 COMMANDS = {**{n: (s.module, "cli", s.help) for n, s in registry.STAGES.items()}, **TOOLS}
 

@@ -66,7 +66,7 @@ def train(run, callbacks=None):
     summary = trainable_summary(roles.actor_critic)  # before accelerate.prepare (ZeRO-3 partitions the weights)
     trainer = PPOTrainer(cfg, roles, policy.tokenizer, reward, [r["prompt"] for r in data.train], eval_prompts,
                          accelerator=accelerator, checkpoints=run.out.checkpoints, logs=run.out.logs,
-                         fingerprint=run.fingerprint, callbacks=callbacks or [], log=lambda m: S.log(STAGE, m))
+                         fingerprint=run.fingerprint, callbacks=[*(callbacks or []), run.progress()], log=lambda m: S.log(STAGE, m))
     S.log(STAGE, f"{roles.mode} mode ({policy.method}): {summary['trainable_params']:,} trainable of "
                  f"{summary['total_params']:,} parameters; " + "; ".join(f"{k}: {v}" for k, v in roles.info.items()))
     S.log(STAGE, f"{trainer.total_updates} updates x {trainer.global_batch} prompts; "

@@ -181,7 +181,7 @@ class StageRun:
                         f"{'on' if getattr(t, 'gradient_checkpointing', False) else 'off'}")
 
     def callbacks(self) -> list:
-        """Early stopping (when asked) and the fingerprint record written into every checkpoint."""
+        """Early stopping (when asked), the fingerprint record written into every checkpoint, the time-left estimate."""
         from transformers import EarlyStoppingCallback, TrainerCallback
 
         run = self
@@ -193,10 +193,16 @@ class StageRun:
                     if ckpt.is_dir():
                         artifacts.write_json(ckpt / CHECKPOINT_FINGERPRINT, {"fingerprint": run.fingerprint})
 
-        cbs = [RecordFingerprint()]
+        cbs = [RecordFingerprint(), self.progress()]
         if self.args.run.early_stopping_patience:
             cbs.append(EarlyStoppingCallback(self.args.run.early_stopping_patience, self.args.run.early_stopping_threshold))
         return cbs
+
+    def progress(self):
+        """Steps done, seconds per step and the time left, printed at log steps (stages/core/progress.py)."""
+        from .progress import Progress
+
+        return Progress(lambda message: log(self.stage, message))
 
     def cached(self, name: str, compute):
         """A before-training figure computed once per fingerprint (the work dir is this fingerprint's)."""

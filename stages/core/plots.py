@@ -171,6 +171,8 @@ def build_figure(history: list[dict], *, stage: str | None = None, metrics: dict
 
 
 def _draw(ax, panel: Panel, history, metrics, x_label: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     handles = []
     for series in panel.series:
         found = _first_present(history, series)
@@ -197,6 +199,7 @@ def _draw(ax, panel: Panel, history, metrics, x_label: str) -> None:
     ax.set_ylabel(panel.ylabel, fontsize=9)
     ax.set_xlabel(x_label, fontsize=9)
     ax.tick_params(labelsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if handles:
         ax.legend(handles=handles, fontsize=7, loc="best")
