@@ -73,7 +73,7 @@ def lineage(path: Path) -> list[tuple[str, str]]:
 
     steps = []
     for p, m in reversed(walk(str(path))):
-        steps.append(((m or {}).get("stage") or "base model", p))
+        steps.append(((m or {}).get("stage") or f"base model ({Path(p).name})", p))
     return steps
 
 

@@ -78,6 +78,8 @@ def test_commands_resolve_references_and_use_accelerate(tmp_path, tiny_llama):
 def test_chain_runs_skips_invalidates_and_prints_lineage(tmp_path, tiny_llama, capsys):
     path = write_chain(tmp_path, tiny_llama)
     assert C.run_chain(path) == {"sft": "ran", "rm": "ran", "dpo": "ran"}
+    progress = capsys.readouterr().out
+    assert "[chain 1/3] sft: started at" in progress and "[chain 3/3] dpo: finished in" in progress
     run = tmp_path / "run"
     for name in ("sft", "rm", "dpo"):
         assert json.loads((run / name / "manifest.json").read_text())["status"] == "complete"
@@ -90,6 +92,12 @@ def test_chain_runs_skips_invalidates_and_prints_lineage(tmp_path, tiny_llama, c
     assert C.run_chain(path) == {"sft": "ran", "rm": "ran", "dpo": "ran"}
     text = format_lineage(str(run / "dpo"))
     assert "[dpo, lora" in text and "[sft, lora" in text and str(tiny_llama) in text and "[base model]" in text
+    capsys.readouterr()
+    assert C.cli([str(path)]) == 0  # all skipped now; still the closing table and the report
+    out = capsys.readouterr().out
+    assert f"[chain] report: {run / 'report.html'}" in out
+    html = (run / "report.html").read_text()
+    assert all(f"id='stage-{name}'" in html for name in ("sft", "rm", "dpo"))
 
 
 @pytest.mark.slow

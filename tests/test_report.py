@@ -176,7 +176,7 @@ def test_report_is_self_contained_escaped_and_redacted(run_dir):
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", text)  # nothing fetched from anywhere
     assert text.count('class="prompt-row') == len(PER_PROMPT)
     assert "data:image/png;base64," in text  # the SFT curves, inlined
-    assert "lineage:</b> <span title='tiny-base'>base model</span> &rarr; <span" in text
+    assert "lineage:</b> <span title='tiny-base'>base model (tiny-base)</span> &rarr; <span title='" in text
     # the SFT metrics against the base model: 2.1 -> 1.7
     assert re.search(r"<td>loss</td><td>2.1</td><td>1.7</td><td>-0.4</td>", text)
 
