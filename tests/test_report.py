@@ -265,3 +265,13 @@ def test_compare_shows_what_differs_metrics_and_one_validation_plot(tmp_path, ca
     assert re.search(r"val loss\s+1.7\s+1.4", out)
     assert plot.read_bytes()[:4] == b"\x89PNG" and "validation curves (eval_loss)" in out
     assert RUNS.compare_main([str(a), str(tmp_path)]) == 2
+
+
+def test_compare_plot_draws_one_validation_curve_per_run():
+    other = [dict(e, eval_loss=e["eval_loss"] - 0.3) if "eval_loss" in e else e for e in SFT_HISTORY]
+    fig = plots.validation_figure([("lr-high", SFT_HISTORY), ("lr-low", other)])
+    (ax,) = fig.axes
+    curves = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert curves == {"lr-high": [1.9, 1.6, 1.7], "lr-low": pytest.approx([1.6, 1.3, 1.4])}
+    assert RUNS.validation_key([SFT_HISTORY, [{"eval_accuracy": 0.5, "step": 1}]]) is None
+    assert RUNS.validation_key([SFT_HISTORY, other]) == "eval_loss"

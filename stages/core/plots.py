@@ -218,8 +218,8 @@ def plot_curves(log_history: list[dict], path: str | Path, *, title: str = "", s
     return Path(path)
 
 
-def plot_validation_curves(runs: list[tuple[str, list[dict]]], path: str | Path, *, key: str = "eval_loss") -> Path | None:
-    """`rlhf compare`: each run's validation curve (eval_loss, else the first shared eval_ metric) on one axis."""
+def validation_figure(runs: list[tuple[str, list[dict]]], *, key: str = "eval_loss"):
+    """`rlhf compare`: each run's validation curve of `key` on one axis (None when no run logged it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,6 +239,15 @@ def plot_validation_curves(runs: list[tuple[str, list[dict]]], path: str | Path,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_validation_curves(runs: list[tuple[str, list[dict]]], path: str | Path, *, key: str = "eval_loss") -> Path | None:
+    import matplotlib.pyplot as plt
+
+    fig = validation_figure(runs, key=key)
+    if fig is None:
+        return None
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return Path(path)
