@@ -202,7 +202,13 @@ class StageRun:
         """Steps done, seconds per step and the time left, printed at log steps (stages/core/progress.py)."""
         from .progress import Progress
 
-        return Progress(lambda message: log(self.stage, message))
+        def write(message: str) -> None:
+            if runtime.is_main_process():  # above the trainer's progress bar, not appended to it
+                from tqdm.auto import tqdm
+
+                tqdm.write(f"[{self.stage}] {message}")
+
+        return Progress(write)
 
     def cached(self, name: str, compute):
         """A before-training figure computed once per fingerprint (the work dir is this fingerprint's)."""
