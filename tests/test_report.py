@@ -124,6 +124,18 @@ def test_time_left_comes_from_the_steps_this_run_made():
     assert progress_line(30, 50, 0, 300.0) == "step 30/50 (60%), 10.00 s/step, about 3.3 min left"
 
 
+def test_ppo_updates_get_the_same_estimate():
+    class Trainer:
+        total_updates = 10
+
+    clock = iter([0.0, 4.0])
+    lines = []
+    progress = Progress(lines.append, clock=lambda: next(clock))
+    progress.on_update_end(Trainer(), 1, {})  # the first update starts the clock
+    progress.on_update_end(Trainer(), 3, {})
+    assert lines == ["update 3/10 (30%), 2.00 s/update, about 14 s left"]
+
+
 # -- report.html ----------------------------------------------------------------------------------------------------
 SECRET = "hf_" + "A" * 34
 PER_PROMPT = [

@@ -19,13 +19,13 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def progress_line(step: int, total: int, first_step: int, elapsed: float) -> str | None:
+def progress_line(step: int, total: int, first_step: int, elapsed: float, unit: str = "step") -> str | None:
     """'step 40/120 (33%), 1.20 s/step, about 1.6 min left' (None before any step was timed)."""
     done = step - first_step
     if total <= 0 or done <= 0:
         return None
     per_step = elapsed / done
-    return (f"step {step}/{total} ({100 * step / total:.0f}%), {per_step:.2f} s/step, "
+    return (f"{unit} {step}/{total} ({100 * step / total:.0f}%), {per_step:.2f} s/{unit}, "
             f"about {format_duration(per_step * (total - step))} left")
 
 
@@ -36,11 +36,11 @@ class Progress(TrainerCallback):
         self.log, self.clock = log, clock
         self.first_step, self.started, self.reported = None, None, None
 
-    def _report(self, step: int, total: int) -> None:
+    def _report(self, step: int, total: int, unit: str = "step") -> None:
         if self.first_step is None:
             self.first_step, self.started = step, self.clock()
             return
-        line = progress_line(step, total, self.first_step, self.clock() - self.started)
+        line = progress_line(step, total, self.first_step, self.clock() - self.started, unit)
         if line and step != self.reported:  # a train and an eval log at the same step: one line
             self.reported = step
             self.log(line)
@@ -53,4 +53,4 @@ class Progress(TrainerCallback):
             self._report(state.global_step, state.max_steps)
 
     def on_update_end(self, trainer, update, logs):  # stages/core/ppo/trainer.py: the first update sets the clock
-        self._report(update, trainer.total_updates)
+        self._report(update, trainer.total_updates, "update")
