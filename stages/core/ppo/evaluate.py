@@ -22,7 +22,8 @@ def _share(n: int, rank: int, world: int) -> tuple[list[int], int]:
 
 @torch.no_grad()
 def held_out(trainer, *, role: str = "policy", prompts=None, ids=None) -> dict:
-    """{mean_reward, eos_rate, mean_length[, kl_to_reference, kl_per_token]} over the held-out prompts."""
+    """{mean_reward, eos_rate, mean_length[, gold_score][, kl_to_reference, kl_per_token]} over the held-out prompts
+    (gold_score: the trainer's gold judge, a scorer that is not the training reward, when it has one)."""
     prompts = trainer.eval_prompts if prompts is None else prompts
     ids = trainer.eval_ids if ids is None else ids
     if not prompts:
@@ -36,11 +37,13 @@ def held_out(trainer, *, role: str = "policy", prompts=None, ids=None) -> dict:
         idx = mine[s:s + bs]
         batch, texts, has_eos, lengths = trainer.sample([ids[i] for i in idx], role=role, do_sample=cfg.eval_do_sample)
         raw, _ = trainer.score([prompts[i] for i in idx], texts, has_eos)
+        gold_judge = getattr(trainer, "gold", None)
+        gold = gold_judge.score([prompts[i] for i in idx], texts) if gold_judge is not None else [0.0] * len(idx)
         kl = torch.zeros_like(raw)
         if role == "policy":
             kl = R.exact_kl(trainer.roles, batch, temperature=cfg.temperature, micro_batch=bs, autocast=acc.autocast)
         for j in range(len(idx)):
-            rows.append([float(raw[j]), float(has_eos[j]), float(lengths[j]), float(kl[j])])
+            rows.append([float(raw[j]), float(has_eos[j]), float(lengths[j]), float(kl[j]), float(gold[j])])
     rows = rows[:real]
     from accelerate.utils import gather_object
 
@@ -48,6 +51,8 @@ def held_out(trainer, *, role: str = "policy", prompts=None, ids=None) -> dict:
     t = torch.tensor(rows, dtype=torch.float64)
     out = {"mean_reward": float(t[:, 0].mean()), "eos_rate": float(t[:, 1].mean()), "mean_length": float(t[:, 2].mean()),
            "n_prompts": len(rows)}
+    if gold_judge is not None:
+        out["gold_score"] = float(t[:, 4].mean())
     if role == "policy":
         out["kl_to_reference"] = float(t[:, 3].mean())
         out["kl_per_token"] = float(t[:, 3].sum() / t[:, 2].sum().clamp(min=1))

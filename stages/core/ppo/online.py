@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from trl import GRPOConfig, RLOOConfig
 
 from .. import stage as S
-from .config import RewardFields, parse_reward_spec
+from .config import RewardFields, check_gold_fields, parse_reward_spec, split_reward_models
 
 
 @dataclass
@@ -23,6 +23,8 @@ class GRPOStageConfig(GRPOConfig, RewardFields):
 
     def __post_init__(self):
         self.reward = parse_reward_spec(self.reward)
+        split_reward_models(self)
+        check_gold_fields(self)
         super().__post_init__()
 
 
@@ -32,6 +34,8 @@ class RLOOStageConfig(RLOOConfig, RewardFields):
 
     def __post_init__(self):
         self.reward = parse_reward_spec(self.reward)
+        split_reward_models(self)
+        check_gold_fields(self)
         super().__post_init__()
 
 
