@@ -235,3 +235,23 @@ def test_evaluate_stage_flags_a_judge_that_the_gold_verifier_contradicts(tiny_ll
     assert flag["suspected"] is suspected
     assert ("over-optimization suspected" in (out / "report.md").read_text()) is suspected
     assert json.loads((out / "manifest.json").read_text())["metrics"]["overoptimization_suspected"] is suspected
+
+
+def test_grpo_logs_the_gold_evaluations_and_outputs_the_best_policy_by_gold(tiny_llama, tmp_path):
+    from stages import grpo
+
+    out = tmp_path / "grpo"
+    grpo.main(["--config", str(ROOT / "recipes/tiny/grpo.yaml"), "--model_name_or_path", str(tiny_llama),
+               "--output_dir", str(out), "--reward", PROXY, "--gold_judge", GOLD, "--gold_eval_steps", "2",
+               "--gold_patience", "0", "--max_steps", "12", "--learning_rate", "5e-2"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    evals = [h for h in json.loads((out / "metrics.json").read_text())["log_history"] if "gold_score" in h]
+    assert [e["step"] for e in evals] == list(range(0, 13, 2))
+    assert all({"heldout_reward", "kl_to_reference", "response_length"} <= set(e) for e in evals)
+    assert evals[-1]["kl_to_reference"] > 0  # KL to the adapter-disabled (starting) policy
+    best = max(evals, key=lambda e: (e["gold_score"], e["heldout_reward"]))
+    assert best["step"] != evals[-1]["step"], evals  # measured: the gold score peaks mid-run on this toy task
+    guards = manifest["metrics"]["guards"]
+    assert guards["selected_step"] == best["step"]
+    # the final evaluation re-measures the weights that are saved: the best policy's, not the last one's
+    assert manifest["metrics"]["final"]["gold_score"] == pytest.approx(best["gold_score"], abs=1e-6)
