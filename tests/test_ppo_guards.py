@@ -255,3 +255,19 @@ def test_grpo_logs_the_gold_evaluations_and_outputs_the_best_policy_by_gold(tiny
     assert guards["selected_step"] == best["step"]
     # the final evaluation re-measures the weights that are saved: the best policy's, not the last one's
     assert manifest["metrics"]["final"]["gold_score"] == pytest.approx(best["gold_score"], abs=1e-6)
+
+
+def test_max_kl_raise_kl_coef_multiplies_the_coefficient_instead_of_stopping():
+    from types import SimpleNamespace
+
+    from stages.core.ppo.losses import KLController
+    from stages.core.ppo.trainer import PPOTrainer
+
+    trainer = SimpleNamespace(cfg=SimpleNamespace(max_kl=5.0, max_kl_action="raise_kl_coef"), kl=KLController(0.1),
+                              stopped=None, log=lambda m: None)
+    logs = {"objective/kl": 4.0, "kl_coef": 0.1}
+    PPOTrainer.kl_guard(trainer, logs)
+    assert trainer.kl.value == 0.1 and trainer.stopped is None  # below the limit: nothing happens
+    logs = {"objective/kl": 6.0, "kl_coef": 0.1}
+    PPOTrainer.kl_guard(trainer, logs)
+    assert trainer.kl.value == pytest.approx(0.15) and logs["kl_coef"] == pytest.approx(0.15) and trainer.stopped is None
