@@ -271,3 +271,29 @@ def test_max_kl_raise_kl_coef_multiplies_the_coefficient_instead_of_stopping():
     logs = {"objective/kl": 6.0, "kl_coef": 0.1}
     PPOTrainer.kl_guard(trainer, logs)
     assert trainer.kl.value == pytest.approx(0.15) and logs["kl_coef"] == pytest.approx(0.15) and trainer.stopped is None
+
+
+from test_ppo_stage import reward_models  # noqa: E402,F401  (a LoRA and a full reward model on the tiny Llama)
+
+
+def test_a_reward_model_list_trains_on_the_ensemble_minimum(tiny_llama, reward_models, tmp_path):  # noqa: F811
+    from reward.model import load_reward_model
+    from stages.core.ppo import rewards as RW
+    from stages.core.ppo.config import PPOConfig
+
+    lora_rm, full_rm = (str(p) for p in reward_models)
+    cfg = PPOConfig(output_dir=str(tmp_path / "x"), reward_model=json.dumps([lora_rm, full_rm]), reward_ensemble="min",
+                    report_to="none", use_cpu=True, bf16=False)
+    first = load_reward_model(lora_rm, device="cpu")
+    combined = RW.combine(cfg, first, device="cpu")
+    prompts, replies = ["Say hello.", "Name a colour."], ["Hello there!", "blue blue blue blue"]
+    one, two = first.score(prompts, replies), load_reward_model(full_rm, device="cpu").score(prompts, replies)
+    assert one != two  # two different models, so min is not trivially either
+    assert combined.score(prompts, replies) == pytest.approx([min(a, b) for a, b in zip(one, two)])
+    out = tmp_path / "ppo"  # and the stage runs with it
+    ppo.main(["--config", TINY, "--model_name_or_path", str(tiny_llama), "--output_dir", str(out), "--max_steps", "1",
+              "--reward_model", json.dumps([lora_rm, full_rm]), "--reward_ensemble", "min", "--save_strategy", "no",
+              "--reward_normalization", "start", "--length_penalty", "0.1"])
+    guards = json.loads((out / "manifest.json").read_text())["metrics"]["guards"]
+    assert guards["reward_models"] == [lora_rm, full_rm] and guards["reward_ensemble"] == "min"
+    assert guards["start_statistics"]["samples"] == 16 and guards["start_statistics"]["std"] > 0
