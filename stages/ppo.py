@@ -45,7 +45,8 @@ def train(run, callbacks=None):
     args, data = run.args, run.data
     cfg = args.training
     if args.run.early_stopping_patience:
-        raise ConfigError("early_stopping_patience: not supported by PPO (it has no validation loss)")
+        raise ConfigError("early_stopping_patience: not supported by PPO (it has no validation loss); use gold_judge, "
+                          "gold_eval_steps and gold_patience to stop on a falling held-out gold score")
     RW._required(cfg)
     rm_parent = artifacts.parent_info(cfg.reward_model) if cfg.reward_model else None
 

@@ -343,8 +343,12 @@ class PPOTrainer:
             return
         path = self.checkpoints / BEST
         if best["step"] != self.update:
-            if not (path / C.STATE).is_file():
-                self.log(f"warning: {path} is missing: the output is the last policy, not the best by the gold score")
+            import json
+
+            saved = json.loads((path / C.STATE).read_text()).get("update") if (path / C.STATE).is_file() else None
+            if saved != best["step"]:  # missing, or left by an interrupted run past the checkpoint resumed from
+                self.log(f"warning: {path} does not hold update {best['step']}: the output is the last policy, "
+                         "not the best by the gold score")
                 return
             C.load(self, path)
             self.log(f"output = the policy of update {best['step']} (best gold score {best['gold_score']:.4f}; "
