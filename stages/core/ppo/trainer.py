@@ -265,7 +265,7 @@ class PPOTrainer:
             self.resume(resume_from)
             self.log(f"resumed from {resume_from}: update {self.update}/{self.total_updates}")
         n = len(self.train_prompts)
-        if self.tracking_gold and self.update == 0 and self.tracker.best is None:
+        if self.cfg.gold_eval_steps and self.eval_prompts and self.update == 0 and not self.history:
             self.gold_evaluation(self.start_eval or self.evaluate(role="policy"), entry={"step": 0})
         while self.update < self.total_updates and self.stopped is None:
             u = self.update
