@@ -35,6 +35,37 @@ def model_comparison(manifest: dict | None) -> dict | None:
     return None
 
 
+OVEROPTIMIZATION = "reward over-optimization suspected"
+
+
+def is_gold_judge(name: str) -> bool:
+    """The demo verifier judging itself: its pass rates then add nothing to its win rate."""
+    return str(name) == "verifier:demo"
+
+
+def overoptimization(stats: dict, verifier: dict | None = None, *, judge_is_gold: bool = False) -> dict:
+    """Flag "reward over-optimization suspected": the judge prefers the policy (win rate above 0.5) but the
+    length-controlled win rate (at or below 0.5: the preference is explained by length) or the gold judge
+    (the verifier's pass rate, lower for the policy than for the reference) says otherwise.
+    `judge_is_gold`: the judge is the verifier itself, whose pass rates then say nothing new."""
+    win, lc = stats.get("win_rate"), stats.get("lc_win_rate")
+    out = {"suspected": False, "reasons": [], "win_rate": win, "lc_win_rate": lc, "gold": None}
+    if verifier and verifier.get("policy_pass_rate") is not None:
+        out["gold"] = {"metric": "verifier pass rate", "policy": verifier["policy_pass_rate"],
+                       "reference": verifier["reference_pass_rate"]}
+    if win is None or not win > 0.5:
+        return out
+    if lc is not None and lc <= 0.5:
+        out["reasons"].append(f"length-controlled win rate {lc:.3f} is not above 0.5 while the judge's win rate is "
+                              f"{win:.3f}: the preference is explained by response length")
+    gold = out["gold"]
+    if gold and not judge_is_gold and gold["policy"] < gold["reference"]:
+        out["reasons"].append(f"the gold judge disagrees: verifier pass rate {gold['policy']:.3f} for the policy, "
+                              f"{gold['reference']:.3f} for the reference")
+    out["suspected"] = bool(out["reasons"])
+    return out
+
+
 def _fmt(x, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
@@ -79,6 +110,9 @@ def to_markdown(report: dict, *, max_rows: int = 50) -> str:
               f"{_fmt(st['mean_len_reference'], 1)} |"]
     if st.get("lc_warning"):
         lines += ["", f"> **Length control warning:** {st['lc_warning']}."]
+    flag = report.get("overoptimization") or {}
+    if flag.get("suspected"):
+        lines += ["", f"> **{OVEROPTIMIZATION.capitalize()}:** " + "; ".join(flag["reasons"]) + "."]
     if report.get("verifier"):
         v = report["verifier"]
         lines += ["", "## Verifier pass rate (demo prompts)", "", "| policy | reference |", "|---|---|",

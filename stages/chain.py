@@ -273,6 +273,14 @@ def summarize(path) -> str | None:
             if "eval_accuracy" in fin:
                 lines.append(f"| reward model '{name}' held-out pair accuracy | {st.get('start_accuracy', float('nan')):.3f} "
                              f"untrained -> {fin['eval_accuracy']:.3f} |")
+        if spec["stage"] in ("ppo", "grpo", "rloo"):
+            guards = ((artifacts.read_manifest(run_dir / name) or {}).get("metrics") or {}).get("guards") or {}
+            gold = guards.get("gold") or {}
+            if gold.get("best_gold_score") is not None:
+                picked = guards.get("selected_update", guards.get("selected_step"))
+                lines.append(f"| {name}: output chosen by the gold judge | step {picked} (gold {gold['best_gold_score']:.3f}, "
+                             f"start {gold['start_gold_score']:.3f})"
+                             f"{'; stopped early: ' + guards['stopped_early'] if guards.get('stopped_early') else ''} |")
         if spec["stage"] not in EVAL_STAGES or not (run_dir / name / "report.json").is_file():
             continue
         report = json.loads((run_dir / name / "report.json").read_text())
@@ -291,6 +299,15 @@ def summarize(path) -> str | None:
                 lci = st.get("lc_interval") or (float("nan"), float("nan"))
                 lines.append(f"| same, length-controlled | {st['lc_win_rate']:.3f} (95% CI {lci[0]:.3f}-{lci[1]:.3f})"
                              f"{'; ' + st['lc_warning'] if st.get('lc_warning') else ''} |")
+            from reward.report import OVEROPTIMIZATION, is_gold_judge, overoptimization
+
+            gold_judge = is_gold_judge(report["judge"]["name"])
+            flag = report.get("overoptimization") or overoptimization(st, ver, judge_is_gold=gold_judge)
+            if flag.get("gold") and not gold_judge:
+                lines.append(f"| same, gold judge ({flag['gold']['metric']}) | {flag['gold']['policy']:.3f} vs "
+                             f"{flag['gold']['reference']:.3f} |")
+            if flag.get("suspected"):
+                lines.append(f"| **{OVEROPTIMIZATION}** | " + "; ".join(flag["reasons"]) + " |")
     if not lines and not pass_rates:
         return None
     table = ["| result | value |", "|---|---|"]

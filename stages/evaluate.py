@@ -147,12 +147,13 @@ def _evaluate(run, args, prompts, prompt_info, decoding, make_judge, redact_text
                      len_policy=gens["policy"].n_tokens, len_reference=gens["reference"].n_tokens, demo=demo,
                      n_boot=args.n_bootstrap, seed=args.seed)
     stats = result["stats"]
+    flag = R.overoptimization(stats.to_dict(), result["verifier"], judge_is_gold=R.is_gold_judge(judge.name))
     report = {
         "policy": str(args.policy), "reference": str(args.reference),
         "judge": {"spec": redact_text(args.judge), "name": redact_text(judge.name)}, "prompts": prompt_info, "decoding": asdict(decoding),
         "bootstrap": {"n_boot": args.n_bootstrap, "seed": args.seed, "level": 0.95},
         "stats": stats.to_dict(), "length_unit": "tokens", "headline": stats.headline(),
-        "verifier": result["verifier"], "judge_details": result["judge_details"],
+        "verifier": result["verifier"], "overoptimization": flag, "judge_details": result["judge_details"],
         "base_comparison": R.model_comparison(artifacts.read_manifest(args.policy) if Path(args.policy).is_dir() else None),
         "generation": {k: {"cached": g.cached, "truncated_prompts": g.truncated_prompts, **g.info} for k, g in gens.items()},
         "per_prompt": result["per_prompt"],
@@ -161,13 +162,16 @@ def _evaluate(run, args, prompts, prompt_info, decoding, make_judge, redact_text
     artifacts.write_json(out / artifacts.MANIFEST, {
         "status": artifacts.COMPLETE, "stage": STAGE, "fingerprint": fp, "inputs": run.components,
         "policy": str(args.policy), "reference": str(args.reference), "judge": redact_text(args.judge), "prompts": prompt_info,
-        "metrics": {k: report["stats"][k] for k in ("win_rate", "tie_rate", "interval", "wilson", "bootstrap", "lc_win_rate", "lc_interval") if k in report["stats"]},
+        "metrics": {k: report["stats"][k] for k in ("win_rate", "tie_rate", "interval", "wilson", "bootstrap", "lc_win_rate", "lc_interval") if k in report["stats"]}
+        | {"overoptimization_suspected": flag["suspected"]},
         "command": " ".join(scrub_argv(sys.argv)), "packages": artifacts.package_versions(), "git_commit": artifacts.git_commit(),
         "duration_s": round(time.time() - started, 1)})
     S.log(STAGE, stats.headline())
     if result["verifier"]:
         v = result["verifier"]
         S.log(STAGE, f"verifier pass rate: policy {v['policy_pass_rate']:.3f}, reference {v['reference_pass_rate']:.3f}")
+    if flag["suspected"]:
+        S.log(STAGE, f"WARNING: {R.OVEROPTIMIZATION}: " + "; ".join(flag["reasons"]))
     S.log(STAGE, f"wrote {paths['markdown']}")
     return report
 

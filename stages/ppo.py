@@ -45,7 +45,8 @@ def train(run, callbacks=None):
     args, data = run.args, run.data
     cfg = args.training
     if args.run.early_stopping_patience:
-        raise ConfigError("early_stopping_patience: not supported by PPO (it has no validation loss)")
+        raise ConfigError("early_stopping_patience: not supported by PPO (it has no validation loss); use gold_judge, "
+                          "gold_eval_steps and gold_patience to stop on a falling held-out gold score")
     RW._required(cfg)
     rm_parent = artifacts.parent_info(cfg.reward_model) if cfg.reward_model else None
 
@@ -59,14 +60,19 @@ def train(run, callbacks=None):
     policy = build_policy(args.model, args.policy, cfg)
     roles = build_roles(policy, cfg, device=accelerator.device, load_reward=lambda path: RW.load_separate_reward_model(
         path, device=accelerator.device, batch_size=cfg.reward_batch_size))
-    reward = RW.combine(cfg, roles.reward_model)
+    reward = RW.combine(cfg, roles.reward_model, device=accelerator.device)
+    gold = RW.build_gold_judge(cfg)
     eval_prompts = [r["prompt"] for r in data.eval] if data.eval is not None else []
     if not eval_prompts:
         S.log(STAGE, "warning: no held-out prompts (eval_datasets or validation_fraction): no before/after reward")
     summary = trainable_summary(roles.actor_critic)  # before accelerate.prepare (ZeRO-3 partitions the weights)
     trainer = PPOTrainer(cfg, roles, policy.tokenizer, reward, [r["prompt"] for r in data.train], eval_prompts,
                          accelerator=accelerator, checkpoints=run.out.checkpoints, logs=run.out.logs,
-                         fingerprint=run.fingerprint, callbacks=[*(callbacks or []), run.progress()], log=lambda m: S.log(STAGE, m))
+                         fingerprint=run.fingerprint, callbacks=[*(callbacks or []), run.progress()],
+                         log=lambda m: S.log(STAGE, m), gold=gold)
+    if cfg.gold_eval_steps and gold is None:
+        S.log(STAGE, "warning: gold_eval_steps without gold_judge: held-out reward, KL and length are logged, "
+                     "but the output is the last policy (give gold_judge to keep the best by a judge that is not the reward)")
     S.log(STAGE, f"{roles.mode} mode ({policy.method}): {summary['trainable_params']:,} trainable of "
                  f"{summary['total_params']:,} parameters; " + "; ".join(f"{k}: {v}" for k, v in roles.info.items()))
     S.log(STAGE, f"{trainer.total_updates} updates x {trainer.global_batch} prompts; "
@@ -75,7 +81,9 @@ def train(run, callbacks=None):
 
     start = run.cached("start", lambda: trainer.evaluate(role="reference"))  # the starting policy (= reference)
     if start:
-        S.log(STAGE, f"held-out mean reward before training: {start['mean_reward']:.4f}")
+        S.log(STAGE, f"held-out mean reward before training: {start['mean_reward']:.4f}"
+                     + (f"; gold score {start['gold_score']:.4f}" if "gold_score" in start else ""))
+    trainer.start_eval = start
     trainer.train(resume_from=run.resume_from)
     final = trainer.evaluate(role="policy")
     if start and final:
@@ -85,7 +93,8 @@ def train(run, callbacks=None):
     metrics = {"start": start, "final": final, "updates": trainer.update,
                "reward_gain": (final["mean_reward"] - start["mean_reward"]) if start and final else None,
                "kl_to_reference": final.get("kl_to_reference") if final else None,
-               "prompt_lengths": trainer.prompt_lengths.to_dict(), "peak_memory_mb": _peak_memory_mb()}
+               "prompt_lengths": trainer.prompt_lengths.to_dict(), "peak_memory_mb": _peak_memory_mb(),
+               "guards": _guards(cfg, trainer)}
     manifest = run.manifest(policy, summary, metrics=metrics, task="ppo", memory_mode=roles.mode, roles=roles.info,
                             value_init=roles.value_init,
                             reward={"reward_model": cfg.reward_model, "reward_model_parent": rm_parent,
@@ -94,6 +103,21 @@ def train(run, callbacks=None):
     save_policy(trainer, policy, run.out.staging)
     accelerator.wait_for_everyone()
     return run.save(policy, manifest, trainer.history) if accelerator.is_main_process else None
+
+
+def _guards(cfg, trainer) -> dict:
+    """What guarded this run and what they did: the gold selection, early stop, KL limit, reward shaping."""
+    out = {"gold_judge": cfg.gold_judge, "gold_eval_steps": cfg.gold_eval_steps, "gold_patience": cfg.gold_patience,
+           "gold_select_best": cfg.gold_select_best, "selected_update": trainer.selected_step,
+           "last_update": trainer.update, "stopped_early": trainer.stopped, "max_kl": cfg.max_kl,
+           "max_kl_action": cfg.max_kl_action, "final_kl_coef": trainer.kl.value,
+           "reward_normalization": cfg.reward_normalization, "length_penalty": cfg.length_penalty,
+           "start_statistics": trainer.start_stats,
+           "reward_models": ([cfg.reward_model] + list(cfg.extra_reward_models)) if cfg.reward_model else [],
+           "reward_ensemble": cfg.reward_ensemble if getattr(cfg, "extra_reward_models", None) else None}
+    if trainer.tracking_gold:
+        out["gold"] = trainer.tracker.summary()
+    return out
 
 
 def _peak_memory_mb() -> dict:

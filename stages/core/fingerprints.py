@@ -145,6 +145,9 @@ def stage_components(stage: str, args, data_report: dict | None) -> dict:
     for key in MODEL_KEYS:
         if key in values:
             comps[key] = model_key(values.pop(key), revision if key == "model_name_or_path" else None)
+    extra_rms = getattr(getattr(args, "training", None), "extra_reward_models", None)
+    if extra_rms:  # `reward_model: [a, b]`: every ensemble member counts by content
+        comps["reward_model"] = [comps.get("reward_model")] + [model_key(p, None) for p in extra_rms]
     for key in CONTENT_KEYS:
         if key in values:
             comps[key] = text_or_file_key(values.pop(key))

@@ -49,10 +49,10 @@ def _set_rng_state(state: dict) -> None:
         np.random.set_state(state["numpy"])
 
 
-def save(trainer, directory: Path, limit: int | None = None) -> Path:
-    """Write checkpoint-<update> for `trainer` (a PPOTrainer) and drop the oldest beyond `limit`."""
+def save(trainer, directory: Path, limit: int | None = None, *, name: str | None = None) -> Path:
+    """Write checkpoint-<update> (or `name`, never rotated) for `trainer` (a PPOTrainer) and drop the oldest beyond `limit`."""
     acc = trainer.accelerator
-    final = Path(directory) / f"checkpoint-{trainer.update}"
+    final = Path(directory) / (name or f"checkpoint-{trainer.update}")
     tmp = final.with_name(final.name + ".tmp")
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)

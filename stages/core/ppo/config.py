@@ -18,6 +18,9 @@ from ..errors import ConfigError
 
 VALUE_MODELS = ("auto", "reward", "policy")
 KL_ESTIMATORS = ("k1", "k3")
+ENSEMBLE_REDUCTIONS = ("mean", "min")
+MAX_KL_ACTIONS = ("stop", "raise_kl_coef")
+REWARD_NORMALIZATIONS = ("none", "start")
 
 
 def parse_reward_spec(spec):
@@ -25,18 +28,50 @@ def parse_reward_spec(spec):
     return json_or_value(spec, "reward")
 
 
+def split_reward_models(cfg) -> None:
+    """`reward_model: [a, b, ...]` is an ensemble: the first stays `reward_model` (it may share the policy's
+    base), the others are kept in `extra_reward_models`; `reward_ensemble` says how their scores combine."""
+    value = json_or_value(cfg.reward_model, "reward_model")
+    if isinstance(value, (list, tuple)):
+        if not value or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"reward_model: a path or a non-empty list of paths, got {value!r}")
+        value, cfg.extra_reward_models = value[0], list(value[1:])
+    else:
+        cfg.extra_reward_models = []
+    cfg.reward_model = value
+    if cfg.reward_ensemble not in ENSEMBLE_REDUCTIONS:
+        raise ConfigError(f"reward_ensemble: must be mean or min, got {cfg.reward_ensemble!r}")
+
+
+def check_gold_fields(cfg) -> None:
+    cfg.gold_judge = json_or_value(cfg.gold_judge, "gold_judge")
+    if cfg.gold_eval_steps < 0 or cfg.gold_patience < 0:
+        raise ConfigError("gold_eval_steps and gold_patience: must not be negative")
+
+
 @dataclass
-class RewardFields:
+class GoldFields:
+    """The held-out gold signal during RL (PPO, GRPO, RLOO): a judge that is not the training reward."""
+
+    gold_judge: str | None = field(default=None, metadata={"help": "Judge that is NOT the training reward, scored on held-out prompts: a rule reward spec ('demo_verifier', {regex: ...}, ...) or a second reward-model dir."})
+    gold_eval_steps: int = field(default=0, metadata={"help": "Evaluate every N updates on the held-out prompts: training reward, gold score, KL, length (0 = off)."})
+    gold_patience: int = field(default=3, metadata={"help": "Stop when the gold score stayed below its best for K evaluations in a row while the held-out training reward rose above its value there (0 = never)."})
+    gold_select_best: bool = field(default=True, metadata={"help": "The stage's output is the evaluated policy (the start included) with the best gold score."})
+
+
+@dataclass
+class RewardFields(GoldFields):
     """Where the reward comes from; shared by PPO, GRPO and RLOO."""
 
-    reward_model: str | None = field(default=None, metadata={"help": "A reward-model stage output (full or LoRA SEQ_CLS); its head must load."})
+    reward_model: str | None = field(default=None, metadata={"help": "A reward-model stage output (full or LoRA SEQ_CLS), or a list of them (an ensemble); its head must load."})
+    reward_ensemble: str = field(default="mean", metadata={"help": "How several reward models' scores combine: mean or min."})
     reward: str | None = field(default=None, metadata={"help": "Rule reward spec: 'demo_verifier', {regex: ...}, {length: ...}, a list with weights, a JSON/YAML file."})
     reward_model_weight: float = field(default=1.0, metadata={"help": "Weight of the reward model's score when rules are added to it."})
     reward_batch_size: int = field(default=16, metadata={"help": "Sequences per reward-model forward pass."})
 
 
 @dataclass
-class PPOConfig(TrainingArguments):
+class PPOConfig(TrainingArguments, GoldFields):
     """PPO (InstructGPT-style RLHF) on top of TrainingArguments (optimiser, precision, saving, logging)."""
 
     # defaults that suit PPO better than TrainingArguments'
@@ -44,7 +79,8 @@ class PPOConfig(TrainingArguments):
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training prompts (unless max_steps > 0)."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per PPO micro-batch."})
     # reward
-    reward_model: str | None = field(default=None, metadata={"help": "A reward-model stage output (full or LoRA SEQ_CLS)."})
+    reward_model: str | None = field(default=None, metadata={"help": "A reward-model stage output (full or LoRA SEQ_CLS), or a list of them (an ensemble)."})
+    reward_ensemble: str = field(default="mean", metadata={"help": "How several reward models' scores combine: mean or min (the pessimistic one)."})
     reward: str | None = field(default=None, metadata={"help": "Rule reward spec (see reward.rules.build_reward); added to the reward model's score."})
     reward_model_weight: float = field(default=1.0, metadata={"help": "Weight of the reward model's score."})
     reward_batch_size: int = field(default=16, metadata={"help": "Sequences per reward-model forward pass."})
@@ -71,13 +107,28 @@ class PPOConfig(TrainingArguments):
     cliprange_value: float = field(default=0.2, metadata={"help": "Value clip range."})
     vf_coef: float = field(default=0.1, metadata={"help": "Value loss coefficient."})
     whiten_rewards: bool = field(default=False, metadata={"help": "Whiten per-token rewards before GAE."})
+    # guards against reward over-optimization
+    max_kl: float | None = field(default=None, metadata={"help": "KL limit (nats per response, rollout mean): past it, stop or raise kl_coef (max_kl_action)."})
+    max_kl_action: str = field(default="stop", metadata={"help": "What passing max_kl does: stop (the best checkpoint by gold is kept) or raise_kl_coef (x1.5 each time)."})
+    reward_normalization: str = field(default="none", metadata={"help": "start: scores become (score - mean) / std with the mean/std of the starting (SFT) policy's own first rollouts."})
+    length_penalty: float = field(default=0.0, metadata={"help": "Subtract length_penalty x |length - start length| / start length from the score (start = the SFT policy's first rollouts' mean length)."})
     # held-out evaluation
     eval_do_sample: bool = field(default=False, metadata={"help": "Sample held-out responses (default: greedy, deterministic)."})
 
     def __post_init__(self):
         self.reward = parse_reward_spec(self.reward)
+        split_reward_models(self)
+        check_gold_fields(self)
         super().__post_init__()
         c = self
+        if c.max_kl_action not in MAX_KL_ACTIONS:
+            raise ConfigError(f"max_kl_action: must be stop or raise_kl_coef, got {c.max_kl_action!r}")
+        if c.reward_normalization not in REWARD_NORMALIZATIONS:
+            raise ConfigError(f"reward_normalization: must be none or start, got {c.reward_normalization!r}")
+        if c.max_kl is not None and not c.max_kl > 0:
+            raise ConfigError(f"max_kl: must be positive, got {c.max_kl}")
+        if c.length_penalty < 0:
+            raise ConfigError(f"length_penalty: a penalty is subtracted, give a non-negative number, got {c.length_penalty}")
         if c.value_model not in VALUE_MODELS:
             raise ConfigError(f"value_model: must be one of {', '.join(VALUE_MODELS)}, got {c.value_model!r}")
         if c.kl_estimator not in KL_ESTIMATORS:

@@ -22,7 +22,8 @@ def _share(n: int, rank: int, world: int) -> tuple[list[int], int]:
 
 @torch.no_grad()
 def held_out(trainer, *, role: str = "policy", prompts=None, ids=None) -> dict:
-    """{mean_reward, eos_rate, mean_length[, kl_to_reference, kl_per_token]} over the held-out prompts."""
+    """{mean_reward, eos_rate, mean_length[, gold_score][, kl_to_reference, kl_per_token]} over the held-out prompts
+    (gold_score: the trainer's gold judge, a scorer that is not the training reward, when it has one)."""
     prompts = trainer.eval_prompts if prompts is None else prompts
     ids = trainer.eval_ids if ids is None else ids
     if not prompts:
@@ -36,11 +37,13 @@ def held_out(trainer, *, role: str = "policy", prompts=None, ids=None) -> dict:
         idx = mine[s:s + bs]
         batch, texts, has_eos, lengths = trainer.sample([ids[i] for i in idx], role=role, do_sample=cfg.eval_do_sample)
         raw, _ = trainer.score([prompts[i] for i in idx], texts, has_eos)
+        gold_judge = getattr(trainer, "gold", None)
+        gold = gold_judge.score([prompts[i] for i in idx], texts) if gold_judge is not None else [0.0] * len(idx)
         kl = torch.zeros_like(raw)
         if role == "policy":
             kl = R.exact_kl(trainer.roles, batch, temperature=cfg.temperature, micro_batch=bs, autocast=acc.autocast)
         for j in range(len(idx)):
-            rows.append([float(raw[j]), float(has_eos[j]), float(lengths[j]), float(kl[j])])
+            rows.append([float(raw[j]), float(has_eos[j]), float(lengths[j]), float(kl[j]), float(gold[j])])
     rows = rows[:real]
     from accelerate.utils import gather_object
 
@@ -48,6 +51,8 @@ def held_out(trainer, *, role: str = "policy", prompts=None, ids=None) -> dict:
     t = torch.tensor(rows, dtype=torch.float64)
     out = {"mean_reward": float(t[:, 0].mean()), "eos_rate": float(t[:, 1].mean()), "mean_length": float(t[:, 2].mean()),
            "n_prompts": len(rows)}
+    if gold_judge is not None:
+        out["gold_score"] = float(t[:, 4].mean())
     if role == "policy":
         out["kl_to_reference"] = float(t[:, 3].mean())
         out["kl_per_token"] = float(t[:, 3].sum() / t[:, 2].sum().clamp(min=1))
@@ -55,9 +60,33 @@ def held_out(trainer, *, role: str = "policy", prompts=None, ids=None) -> dict:
 
 
 @torch.no_grad()
+def _adapter_kl(model, q, qm, resp, mask, autocast) -> torch.Tensor | None:
+    """Per-response full-vocabulary KL(policy || adapters disabled) for a PEFT policy (None for other models)."""
+    import contextlib
+
+    from . import losses as L
+
+    if not hasattr(model, "disable_adapter"):
+        return None
+    width = resp.shape[1]
+    ids, am, pos = R.model_inputs(q, qm, resp, mask)
+
+    def logits():
+        with (autocast or contextlib.nullcontext)():
+            return model(input_ids=ids, attention_mask=am, position_ids=pos).logits[:, -width - 1:-1].float()
+
+    policy = logits()
+    with model.disable_adapter():
+        reference = logits()
+    return L.masked_sum(L.kl_full(policy, reference), mask, dim=-1)
+
+
+@torch.no_grad()
 def greedy_reward(model, tokenizer, prompts, reward, *, max_new_tokens: int, max_prompt_length: int, batch_size: int,
-                  device, autocast=None) -> dict:
-    """Mean reward of greedy responses of a plain (or PEFT) causal LM: GRPO/RLOO's before/after figure."""
+                  device, autocast=None, gold=None) -> dict:
+    """Mean reward of greedy responses of a plain (or PEFT) causal LM: GRPO/RLOO's before/after figure.
+    With `gold` (a judge that is not the training reward) also its mean score; for a PEFT policy also the KL
+    to the adapter-disabled model (the reference) per response."""
     import contextlib
 
     if not prompts:
@@ -66,18 +95,29 @@ def greedy_reward(model, tokenizer, prompts, reward, *, max_new_tokens: int, max
     eos, pad = R.eos_ids(tokenizer, model), tokenizer.pad_token_id
     was_training = model.training
     model.eval()
-    rows = []
+    rows, kls = [], []
     try:
         for s in range(0, len(ids), batch_size):
             q, qm = R.left_pad(ids[s:s + batch_size], pad, device)
             with (autocast or contextlib.nullcontext)():
                 resp = R.generate(model, q, qm, eos=eos, pad_id=pad, max_new_tokens=max_new_tokens, do_sample=False)
-            resp, _, has_eos, lengths = R.cut_at_eos(resp, eos, pad)
+            resp, mask, has_eos, lengths = R.cut_at_eos(resp, eos, pad)
             texts = R.response_texts(tokenizer, resp, lengths, has_eos)
-            scores = reward.score(list(prompts[s:s + batch_size]), texts)
-            rows += [[float(v), float(e), float(n)] for v, e, n in zip(scores, has_eos.tolist(), lengths.tolist())]
+            batch_prompts = list(prompts[s:s + batch_size])
+            scores = reward.score(batch_prompts, texts)
+            golds = gold.score(batch_prompts, texts) if gold is not None else [0.0] * len(texts)
+            rows += [[float(v), float(e), float(n), float(g)]
+                     for v, e, n, g in zip(scores, has_eos.tolist(), lengths.tolist(), golds)]
+            kl = _adapter_kl(model, q, qm, resp, mask, autocast)
+            if kl is not None:
+                kls += kl.tolist()
     finally:
         model.train(was_training)
     t = torch.tensor(rows, dtype=torch.float64)
-    return {"mean_reward": round(float(t[:, 0].mean()), 6), "eos_rate": round(float(t[:, 1].mean()), 6),
-            "mean_length": round(float(t[:, 2].mean()), 6), "n_prompts": len(rows)}
+    out = {"mean_reward": round(float(t[:, 0].mean()), 6), "eos_rate": round(float(t[:, 1].mean()), 6),
+           "mean_length": round(float(t[:, 2].mean()), 6), "n_prompts": len(rows)}
+    if gold is not None:
+        out["gold_score"] = round(float(t[:, 3].mean()), 6)
+    if kls:
+        out["kl_to_reference"] = round(sum(kls) / len(kls), 6)
+    return out

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from transformers import TrainerCallback
 from trl import GRPOConfig, RLOOConfig
 
 from .. import stage as S
-from .config import RewardFields, parse_reward_spec
+from .config import RewardFields, check_gold_fields, parse_reward_spec, split_reward_models
 
 
 @dataclass
@@ -23,6 +24,8 @@ class GRPOStageConfig(GRPOConfig, RewardFields):
 
     def __post_init__(self):
         self.reward = parse_reward_spec(self.reward)
+        split_reward_models(self)
+        check_gold_fields(self)
         super().__post_init__()
 
 
@@ -32,6 +35,8 @@ class RLOOStageConfig(RLOOConfig, RewardFields):
 
     def __post_init__(self):
         self.reward = parse_reward_spec(self.reward)
+        split_reward_models(self)
+        check_gold_fields(self)
         super().__post_init__()
 
 
@@ -81,6 +86,7 @@ def train(run):
 
     combined = _weighted(funcs, cfg.reward_weights)  # the held-out figure weighs rewards as training does
     prompts = [r["prompt"] for r in evals] if evals is not None else []
+    gold = RW.build_gold_judge(cfg)
 
     def held_out():
         from trl.models.utils import unwrap_model_for_generation  # gathers ZeRO-3 parameters for generation
@@ -88,7 +94,7 @@ def train(run):
         with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
             return greedy_reward(model, policy.tokenizer, prompts, combined, max_new_tokens=cfg.max_completion_length,
                                  max_prompt_length=10**6, batch_size=cfg.per_device_eval_batch_size,
-                                 device=trainer.accelerator.device, autocast=trainer.accelerator.autocast)
+                                 device=trainer.accelerator.device, autocast=trainer.accelerator.autocast, gold=gold)
 
     # the starting policy's figure is taken once training has wrapped the model (an evaluation before
     # train() would break DDP/DeepSpeed: see distributed.py), and cached across resumes
@@ -100,16 +106,93 @@ def train(run):
                 start.update(run.cached("start", held_out) or {})
 
     trainer.add_callback(StartReward())
+    guard = GoldCallback(cfg, trainer, held_out, start, log=lambda m: S.log(name, m)) if (
+        cfg.gold_eval_steps and prompts) else None
+    if guard is not None:
+        if gold is None:
+            S.log(name, "warning: gold_eval_steps without gold_judge: held-out reward, KL and length are logged, but "
+                        "the output is the last policy")
+        trainer.add_callback(guard)
     run.train(trainer)
+    if guard is not None:
+        guard.restore_best()
     final = held_out()
     if start and final:
         S.log(name, f"held-out mean reward (greedy): start {start['mean_reward']:.4f} -> final {final['mean_reward']:.4f}")
     metrics = {"start": start, "final": final,
-               "reward_gain": (final["mean_reward"] - start["mean_reward"]) if start and final else None}
+               "reward_gain": (final["mean_reward"] - start["mean_reward"]) if start and final else None,
+               "guards": guard.summary() if guard is not None else None}
     manifest = run.manifest(policy, summary, metrics=metrics, task=name, method=name, reward={
         "reward_model": cfg.reward_model, "reward_model_parent": rm_parent, "rules": cfg.reward,
         "reward_weights": list(cfg.reward_weights)})
     return run.save_trainer(trainer, policy, manifest)
+
+
+class GoldCallback(TrainerCallback):
+    """Every `gold_eval_steps` optimizer steps: greedy held-out responses scored by the training reward and the
+    gold judge, with KL and length, appended to the log history under the agreed names; the best by the gold
+    score (the start included) is kept in memory and becomes the output; training stops on a falling gold
+    score with a rising reward (`gold_patience`). The kept weights live in memory: a resumed run keeps
+    following the gold score but chooses among the evaluations after the resume."""
+
+    def __init__(self, cfg, trainer, held_out, start: dict, log=print):
+        from .guards import GoldTracker
+
+        self.cfg, self.trainer, self.held_out, self.start, self.log = cfg, trainer, held_out, start, log
+        self.tracker = GoldTracker(patience=cfg.gold_patience)
+        self.best_weights, self.last_step = None, 0
+
+    def _trainable(self):
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def _record(self, step: int, held: dict, state) -> None:
+        from .guards import eval_entry
+
+        entry = eval_entry(step, held)
+        if step == 0:
+            entry.setdefault("kl_to_reference", 0.0)
+        state.log_history.append(entry)
+        self.last_step = step
+        self.log(f"held-out at step {step}: reward {entry.get('heldout_reward', float('nan')):.4f}"
+                 + (f", gold {entry['gold_score']:.4f}" if "gold_score" in entry else "")
+                 + (f", KL {entry['kl_to_reference']:.3f}" if "kl_to_reference" in entry else "")
+                 + f", length {entry.get('response_length', 0.0):.1f}")
+        if "gold_score" in entry and self.tracker.observe(entry) and self.cfg.gold_select_best:
+            self.best_weights = {n: p.detach().to("cpu", copy=True) for n, p in self._trainable().items()}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0 and self.tracker.best is None:
+            self._record(0, self.start or self.held_out(), state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        if step % self.cfg.gold_eval_steps == 0 or step >= state.max_steps:
+            self._record(step, self.held_out(), state)
+            if self.tracker.should_stop:
+                self.log(f"stopping early at step {step}: {self.tracker.stopped}")
+                control.should_training_stop = True
+
+    def restore_best(self) -> None:
+        best = self.tracker.best
+        if not (self.cfg.gold_select_best and best is not None and self.best_weights is not None):
+            return
+        if best["step"] != self.last_step:
+            import torch
+
+            params = self._trainable()
+            with torch.no_grad():
+                for n, w in self.best_weights.items():
+                    params[n].copy_(w.to(params[n].device, params[n].dtype))
+            self.log(f"output = the policy of step {best['step']} (best gold score {best['gold_score']:.4f}; "
+                     f"last evaluated step {self.last_step})")
+        self.selected_step = best["step"]
+
+    def summary(self) -> dict:
+        return {"gold_judge": self.cfg.gold_judge, "gold_eval_steps": self.cfg.gold_eval_steps,
+                "gold_patience": self.cfg.gold_patience, "gold_select_best": self.cfg.gold_select_best,
+                "selected_step": getattr(self, "selected_step", None), "stopped_early": self.tracker.stopped,
+                "gold": self.tracker.summary()}
 
 
 def point_reference_at_loaded_model(policy, directory):

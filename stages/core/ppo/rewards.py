@@ -44,7 +44,40 @@ def load_separate_reward_model(path: str, *, device, batch_size: int = 16):
     return load_reward_model(path, device=device, batch_size=batch_size)
 
 
-def combine(cfg, reward_model=None):
+class EnsembleReward:
+    """Several reward models as one: the mean, or the minimum (pessimistic: a response must please every
+    model), of their scores for each response. An ensemble is harder to exploit than any one member."""
+
+    def __init__(self, members, reduce: str = "mean"):
+        if reduce not in ("mean", "min"):
+            raise ConfigError(f"reward_ensemble: must be mean or min, got {reduce!r}")
+        self.members, self.reduce = list(members), reduce
+
+    def score(self, prompts, responses) -> list[float]:
+        columns = [m.score(list(prompts), list(responses)) for m in self.members]
+        rows = list(zip(*columns))
+        return [min(r) if self.reduce == "min" else sum(r) / len(r) for r in rows]
+
+
+def with_ensemble(cfg, reward_model, *, device):
+    """`reward_model` alone, or an EnsembleReward of it and the recipe's further reward models."""
+    extra = list(getattr(cfg, "extra_reward_models", None) or [])
+    if not extra:
+        return reward_model
+    members = [reward_model] + [load_separate_reward_model(p, device=device, batch_size=cfg.reward_batch_size) for p in extra]
+    return EnsembleReward(members, cfg.reward_ensemble)
+
+
+def build_gold_judge(cfg):
+    """The gold judge (`gold_judge`: a rule spec or a reward-model dir), or None when the recipe gives none."""
+    from reward.rules import build_reward
+
+    if cfg.gold_judge in (None, "", [], {}):
+        return None
+    return build_reward(cfg.gold_judge, _where="gold_judge")
+
+
+def combine(cfg, reward_model=None, *, device=None):
     """One object with .score(prompts, responses): the reward model's score (weighted) plus the rule parts."""
     from reward.rules import CombinedReward
 
@@ -53,7 +86,7 @@ def combine(cfg, reward_model=None):
     if cfg.reward_model:
         if reward_model is None:
             raise ConfigError("reward_model: the reward model was not loaded")
-        parts.insert(0, (reward_model, float(cfg.reward_model_weight)))
+        parts.insert(0, (with_ensemble(cfg, reward_model, device=device), float(cfg.reward_model_weight)))
     if len(parts) == 1 and parts[0][1] == 1.0:
         return parts[0][0]
     return CombinedReward(parts)
@@ -68,7 +101,7 @@ def trl_reward_funcs(cfg, *, device) -> tuple[list, list[float], list]:
     if cfg.reward_model:
         rm = load_separate_reward_model(cfg.reward_model, device=device, batch_size=cfg.reward_batch_size)
         models.append(rm)
-        funcs.append(as_trl_reward_func(rm, name="reward_model"))
+        funcs.append(as_trl_reward_func(with_ensemble(cfg, rm, device=device), name="reward_model"))
         weights.append(float(cfg.reward_model_weight))
     for name, r, w in rule_parts(cfg.reward):
         funcs.append(as_trl_reward_func(r, name=name))

@@ -5,6 +5,11 @@ a penalty for a missing EOS) → per-token rewards = score at the last response 
 the reference → GAE advantages and returns → `num_ppo_epochs` passes of clipped policy + value losses
 over shuffled minibatches with gradient accumulation → KL coefficient update (fixed or adaptive).
 Every update is logged (stdout, TensorBoard, history); checkpoints follow save_strategy/save_steps.
+Guards (guards.py): every `gold_eval_steps` updates a held-out evaluation adds heldout_reward, gold_score,
+kl_to_reference and response_length to the update's entry; the best one by the gold score is kept as the
+`best-gold` checkpoint and restored at the end; training stops early on a falling gold score with a rising
+reward (`gold_patience`) or past `max_kl`; scores can be normalised against, and penalised for drifting in
+length from, the starting policy's first rollouts.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as C
+from . import guards as G
 from . import losses as L
 from . import rollout as R
 from .evaluate import held_out
@@ -67,12 +73,20 @@ def _gathered_zero3(engine):
                 add_hooks(engine)
 
 
+BEST = "best-gold"  # the checkpoint of the best policy by the gold score (never rotated)
+
+
 class PPOTrainer:
     def __init__(self, cfg, roles, tokenizer, reward, train_prompts, eval_prompts, *, accelerator, checkpoints: Path,
-                 logs: Path | None = None, fingerprint: str | None = None, callbacks=(), log=print):
+                 logs: Path | None = None, fingerprint: str | None = None, callbacks=(), log=print, gold=None):
         from transformers import get_scheduler
 
-        self.cfg, self.roles, self.tokenizer, self.reward = cfg, roles, tokenizer, reward
+        self.cfg, self.roles, self.tokenizer, self.reward, self.gold = cfg, roles, tokenizer, reward, gold
+        self.tracker = G.GoldTracker(patience=cfg.gold_patience)
+        self.start_stats: dict | None = None  # the starting policy's score mean/std and length (guards)
+        self.start_eval: dict | None = None  # the stage's own evaluation of the starting policy, reused at update 0
+        self.stopped: str | None = None
+        self.selected_step: int | None = None  # the update whose policy is the output, when chosen by the gold score
         self.accelerator, self.checkpoints, self.fingerprint = accelerator, Path(checkpoints), fingerprint
         self.callbacks, self.log = list(callbacks), log
         self.actor_critic = roles.actor_critic
@@ -115,7 +129,8 @@ class PPOTrainer:
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"update": self.update, "total_updates": self.total_updates, "kl_coef": self.kl.value,
-                "history": self.history, "fingerprint": self.fingerprint}
+                "history": self.history, "fingerprint": self.fingerprint, "gold": self.tracker.state_dict(),
+                "start_stats": self.start_stats}
 
     def resume(self, path) -> None:
         state = C.load(self, path)
@@ -123,6 +138,8 @@ class PPOTrainer:
             self.log(f"warning: {path} was written with a different config or data; continuing from it anyway")
         self.update, self.history = int(state["update"]), list(state.get("history", []))
         self.kl.load_state_dict({"value": state["kl_coef"]})
+        self.tracker.load_state_dict(state.get("gold"))
+        self.start_stats = state.get("start_stats")
 
     # -- generation ------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -149,10 +166,21 @@ class PPOTrainer:
         texts = R.response_texts(self.tokenizer, resp, lengths, has_eos)
         return {"query": q, "query_mask": qm, "response": resp, "mask": mask}, texts, has_eos, lengths
 
-    def score(self, prompts, texts, has_eos) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(self, prompts, texts, has_eos, lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad(), self.accelerator.autocast():
             raw = torch.tensor(self.reward.score(prompts, texts), dtype=torch.float32, device=self.device)
-        scores = raw.clone()
+        cfg = self.cfg
+        if lengths is not None and (cfg.reward_normalization != "none" or cfg.length_penalty):
+            if self.start_stats is None:  # the first rollouts come from the starting (SFT) policy itself
+                all_raw = self.accelerator.gather(raw.float())
+                all_len = self.accelerator.gather(lengths.to(self.device).float())
+                self.start_stats = G.start_statistics(all_raw, all_len)
+                self.log(f"starting policy's rollouts: score mean {self.start_stats['mean']:.4f}, std "
+                         f"{self.start_stats['std']:.4f}, length {self.start_stats['length']:.1f} tokens (guards' reference)")
+            scores = G.shape_scores(raw, lengths.to(self.device), self.start_stats, normalization=cfg.reward_normalization,
+                                    length_penalty=cfg.length_penalty)
+        else:
+            scores = raw.clone()
         if self.cfg.missing_eos_penalty:
             scores = scores - self.cfg.missing_eos_penalty * (~has_eos).float()
         if self.cfg.score_clip:
@@ -176,7 +204,7 @@ class PPOTrainer:
         prompts = [self.train_prompts[i] for i in idx]
         batch, texts, has_eos, lengths = self.sample([self.train_ids[i] for i in idx])
         gen_s = time.perf_counter() - t0
-        raw, scores = self.score(prompts, texts, has_eos)
+        raw, scores = self.score(prompts, texts, has_eos, lengths)
         batch.update(R.score_tokens(self.roles, batch, temperature=cfg.temperature, micro_batch=cfg.per_device_train_batch_size,
                                     autocast=self.accelerator.autocast))
         mask = batch["mask"]
@@ -237,7 +265,9 @@ class PPOTrainer:
             self.resume(resume_from)
             self.log(f"resumed from {resume_from}: update {self.update}/{self.total_updates}")
         n = len(self.train_prompts)
-        while self.update < self.total_updates:
+        if self.cfg.gold_eval_steps and self.eval_prompts and self.update == 0 and not self.history:
+            self.gold_evaluation(self.start_eval or self.evaluate(role="policy"), entry={"step": 0})
+        while self.update < self.total_updates and self.stopped is None:
             u = self.update
             batch, rstats = self.rollout(self.prompt_indices(u))
             t0 = time.perf_counter()
@@ -251,9 +281,13 @@ class PPOTrainer:
                          "train_tokens_per_second": round(train_tok / max(train_s, 1e-9), 1)})
             self.kl.update(logs["objective/kl"], self.global_batch)
             self.update = u + 1
+            self.kl_guard(logs)
             epoch_end = (self.update * self.global_batch) // n > (u * self.global_batch) // n
             if self.update < self.total_updates and self._due(cfg.eval_strategy, cfg.eval_steps, epoch_end) and self.eval_prompts:
                 logs.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+            last = self.update == self.total_updates
+            if cfg.gold_eval_steps and self.eval_prompts and (self.update % cfg.gold_eval_steps == 0 or last or self.stopped):
+                self.gold_evaluation(self.evaluate(), entry=logs)
             self.history.append(logs)
             self._report(logs)
             last = self.update == self.total_updates
@@ -262,9 +296,64 @@ class PPOTrainer:
             for cb in self.callbacks:
                 if hasattr(cb, "on_update_end"):
                     cb.on_update_end(self, self.update, logs)
+        if self.stopped:
+            self.log(f"stopped early after update {self.update}/{self.total_updates}: {self.stopped}")
+        self.restore_best()
         if self.writer is not None:
             self.writer.flush()
         return self.history
+
+    # -- guards ----------------------------------------------------------------------------------------
+    @property
+    def tracking_gold(self) -> bool:
+        return bool(self.gold is not None and self.cfg.gold_eval_steps and self.eval_prompts)
+
+    def gold_evaluation(self, held: dict, entry: dict) -> None:
+        """Add the agreed held-out names to `entry` (a log-history entry); with a gold judge, keep the best policy."""
+        entry.update(G.eval_entry(entry["step"], held))
+        if self.update == 0:
+            entry.setdefault("kl_to_reference", 0.0)  # the starting policy is the reference
+            self.history.append(entry)
+        self.log(f"held-out at update {entry['step']}: reward {entry.get('heldout_reward', float('nan')):.4f}"
+                 + (f", gold {entry['gold_score']:.4f}" if "gold_score" in entry else "")
+                 + f", KL {entry.get('kl_to_reference', 0.0):.3f}, length {entry.get('response_length', 0.0):.1f}")
+        if "gold_score" not in entry or not self.tracking_gold:
+            return
+        if self.tracker.observe(entry) and self.cfg.gold_select_best:
+            C.save(self, self.checkpoints, name=BEST)
+        if self.tracker.should_stop and self.cfg.gold_patience and self.stopped is None:
+            self.stopped = self.tracker.stopped
+
+    def kl_guard(self, logs: dict) -> None:
+        """Past `max_kl` (rollout KL per response): stop, or raise the KL coefficient by half."""
+        cfg = self.cfg
+        if cfg.max_kl is None or not logs["objective/kl"] > cfg.max_kl:
+            return
+        if cfg.max_kl_action == "stop":
+            self.stopped = f"KL to the reference {logs['objective/kl']:.3f} passed max_kl {cfg.max_kl:g}"
+        else:
+            self.kl.value *= 1.5
+            logs["kl_coef"] = self.kl.value
+            self.log(f"KL {logs['objective/kl']:.3f} passed max_kl {cfg.max_kl:g}: kl_coef raised to {self.kl.value:.4g}")
+
+    def restore_best(self) -> None:
+        """The output is the best policy by the gold score (the start included), not the last one."""
+        best = self.tracker.best
+        if not (self.tracking_gold and self.cfg.gold_select_best and best is not None):
+            return
+        path = self.checkpoints / BEST
+        if best["step"] != self.update:
+            import json
+
+            saved = json.loads((path / C.STATE).read_text()).get("update") if (path / C.STATE).is_file() else None
+            if saved != best["step"]:  # missing, or left by an interrupted run past the checkpoint resumed from
+                self.log(f"warning: {path} does not hold update {best['step']}: the output is the last policy, "
+                         "not the best by the gold score")
+                return
+            C.load(self, path)
+            self.log(f"output = the policy of update {best['step']} (best gold score {best['gold_score']:.4f}; "
+                     f"last update {self.update})")
+        self.selected_step = best["step"]
 
     def _due(self, strategy, steps, epoch_end: bool) -> bool:
         s = str(getattr(strategy, "value", strategy))
