@@ -116,7 +116,8 @@ def load_stage_data(args: ParsedArgs, task: str):
     d = args.data
     loaded = load_data(train, task=task, eval_sources=evals, validation_fraction=d.validation_fraction,
                        validation_size=d.validation_size, seed=args.training.seed, on_invalid=d.on_invalid,
-                       data_format=d.data_format, column_mapping=d.column_mapping, role_mapping=d.role_mapping)
+                       data_format=d.data_format, column_mapping=d.column_mapping, role_mapping=d.role_mapping,
+                       rating_scale=d.rating_scale, rating_threshold=d.rating_threshold, pairs=d.pairs)
     for split, rows, sources in (("train", loaded.train, train), ("validation", loaded.eval, evals)):
         if sources and (rows is None or not len(rows)):
             raise ConfigError(f"{'datasets' if split == 'train' else 'eval_datasets'}: no {split} rows in "
@@ -174,7 +175,11 @@ def best_eval(history: list[dict], key: str = "eval_loss", lower_is_better: bool
 
 
 def run_cli(main, argv=None) -> int:
-    """Run a stage main: user errors print one line and exit 2; nothing half-written is left as complete."""
+    """Run a stage main: user errors print one line and exit 2; nothing half-written is left as complete.
+    Known-harmless third-party warnings are silenced first (stages/core/noise.py; `--verbose` shows all)."""
+    from . import noise
+
+    noise.install(noise.verbose_requested(sys.argv[1:] if argv is None else argv))
     try:
         main(argv)
         return 0
