@@ -279,3 +279,9 @@ def test_bad_feedback_rows_name_file_row_field(row, fmt, reason, field):
         convert_row(row, task="unpaired", fmt=fmt, source="data/fb.jsonl", index=5)
     assert (e.value.reason, e.value.field) == (reason, field)
     assert str(e.value).startswith(f"data/fb.jsonl: row 5: field '{field}': ")
+
+
+def test_prompt_task_reads_rated_conversations_as_plain_ones():
+    row = {"messages": [U("q1"), A("a1"), U("q2")], "score": 2}  # no final assistant turn: still a prompt
+    assert detect_format(row.keys(), row, task="prompt") == "messages"
+    assert conv(row, "prompt", fmt="messages") == [{"prompt": [U("q1"), A("a1"), U("q2")]}]

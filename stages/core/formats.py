@@ -121,15 +121,15 @@ def detect_format(columns: Iterable[str], sample: Mapping | None = None, *, colu
                   source: str | None = None, task: str | None = None) -> str:
     """Name of the format whose columns are present (after ``column_mapping``).
 
-    ``sample`` (a row) tells Anthropic-HH strings from implicit-prompt message lists. With ``task``,
-    a feedback format that cannot feed it gives way to the next match (rated conversations for SFT
-    read as plain conversations)."""
+    ``sample`` (a row) tells Anthropic-HH strings from implicit-prompt message lists. For the ``sft``
+    and ``prompt`` tasks, which have no use for a label or rating, feedback formats give way to the
+    next match (rated conversations read as plain conversations)."""
     raw = list(columns)
     cols = set(map_columns(dict.fromkeys(raw), column_mapping))
     for name, required in FORMATS.items():
         if not set(required) <= cols:
             continue
-        if task in _TASK_KINDS and _KIND[name] == "feedback" and "feedback" not in _TASK_KINDS[task]:
+        if task in ("sft", "prompt") and _KIND[name] == "feedback":
             continue
         if name in ("hh", "implicit_preference") and sample is not None:
             chosen = map_columns(sample, column_mapping).get("chosen")
