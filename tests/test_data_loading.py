@@ -436,3 +436,9 @@ def test_utf8_byte_order_mark_is_accepted(tmp_path):
     p.write_bytes("\ufeffprompt\nq\n".encode("utf-8"))
     d = load_data([str(p)], task="prompt", validation_fraction=0)
     assert [r["prompt"][0]["content"] for r in d.train] == ["q"]
+
+
+def test_ratings_that_never_pair_are_explained_when_nothing_is_left(tmp_path):
+    p = write_jsonl(tmp_path / "single.jsonl", [{"messages": [U(f"q{i}"), A("a")], "rating": 1} for i in range(3)])
+    with pytest.raises(DataError, match="3 read, 0 invalid.*3 ratings with no other rating of their prompt"):
+        load_data([p], task="preference", validation_fraction=0)

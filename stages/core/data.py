@@ -403,10 +403,12 @@ def load_data(sources, *, task, eval_sources=None, validation_fraction=0.1, vali
     eval_rows.sort(key=lambda kc: _rank(seed, kc[0]))
     if not train:
         src = report.sources
+        alone = sum(s.dropped_by_reason.get("no_rating_partner", 0) for s in src)
         raise DataError(f"no training rows left: {sum(s.rows_read for s in src)} read, "
-                        f"{sum(sum(s.dropped_by_reason.values()) for s in src)} invalid, "
+                        f"{sum(sum(s.dropped_by_reason.values()) for s in src) - alone} invalid, "
                         f"{sum(s.duplicates_removed for s in src)} duplicates, "
                         f"{report.eval_overlap_removed} identical to eval rows"
+                        + (f", {alone} ratings with no other rating of their prompt to pair with" if alone else "")
                         + "".join(f"; e.g. {e['message']}" for e in report.dropped_examples[:2]))
     report.train_size, report.eval_size = len(train), len(eval_rows)
     report.train_fingerprint = fingerprint(k for k, _, _ in train)
