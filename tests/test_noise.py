@@ -130,3 +130,18 @@ def test_a_stage_run_prints_no_known_line_and_verbose_shows_them(tiny_llama, tmp
     assert len(shown) >= 2, outputs[True][-3000:]  # the run does trigger listed lines (at least the two FutureWarnings)
     assert known_in(outputs[False]) == [], outputs[False][-3000:]
     assert "[sft] wrote" in outputs[False]  # the suite's own lines are untouched
+
+
+def test_rlhf_run_verbose_is_passed_on_to_the_stages_it_starts(monkeypatch):
+    from stages import chain
+
+    monkeypatch.delenv(noise.VERBOSE_ENV, raising=False)
+    seen = {}
+    monkeypatch.setattr(chain, "run_chain", lambda *a, **k: seen.setdefault("env", os.environ.get(noise.VERBOSE_ENV)))
+    assert chain.cli(["--dry-run", "--verbose"]) == 0
+    assert seen["env"] == "1"  # stage subprocesses copy os.environ
+    os.environ.pop(noise.VERBOSE_ENV, None)
+    monkeypatch.setattr(noise, "_installed", False)
+    seen.clear()
+    assert chain.cli(["--dry-run"]) == 0
+    assert seen["env"] is None
