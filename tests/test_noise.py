@@ -145,3 +145,13 @@ def test_rlhf_run_verbose_is_passed_on_to_the_stages_it_starts(monkeypatch):
     seen.clear()
     assert chain.cli(["--dry-run"]) == 0
     assert seen["env"] is None
+
+
+def test_a_recipe_can_ask_for_verbose_logs(tmp_path):
+    from stages.core.stage import recipe_says_verbose
+
+    (tmp_path / "loud.yaml").write_text("verbose: true\nlearning_rate: 1.0e-4\n")
+    (tmp_path / "quiet.yaml").write_text("learning_rate: 1.0e-4\n")
+    assert recipe_says_verbose(["--config", str(tmp_path / "loud.yaml")])
+    assert not recipe_says_verbose(["--config", str(tmp_path / "quiet.yaml")])
+    assert not recipe_says_verbose(["--learning_rate", "1e-4"])

@@ -174,13 +174,22 @@ def best_eval(history: list[dict], key: str = "eval_loss", lower_is_better: bool
     return min(values) if lower_is_better else max(values)
 
 
+def recipe_says_verbose(argv: list[str]) -> bool:
+    """The recipe's own `verbose: true` (read before any import that prints, as the `env:` block is)."""
+    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+        return False
+    value = load_recipe(argv[argv.index("--config") + 1]).get("verbose", False)
+    return value is True or str(value).lower() in ("true", "1", "yes")
+
+
 def run_cli(main, argv=None) -> int:
     """Run a stage main: user errors print one line and exit 2; nothing half-written is left as complete.
     Known-harmless third-party warnings are silenced first (stages/core/noise.py; `--verbose` shows all)."""
     from . import noise
 
-    noise.install(noise.verbose_requested(sys.argv[1:] if argv is None else argv))
     try:
+        args = list(sys.argv[1:] if argv is None else argv)
+        noise.install(noise.verbose_requested(args) or recipe_says_verbose(args))
         main(argv)
         return 0
     except UserError as e:
