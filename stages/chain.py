@@ -233,7 +233,11 @@ def cli(argv=None) -> int:
     p.add_argument("--chain", choices=sorted(DEMO_CHAINS), default="dpo", help="which demo chain (without CHAIN.yaml)")
     p.add_argument("--dry-run", action="store_true", help="print what would run")
     p.add_argument("--only", nargs="+", help="run only these stages (inputs must exist)")
+    p.add_argument("--verbose", action="store_true", help="show every third-party warning (stages inherit it)")
     a = p.parse_args(argv)
+    from .core import noise
+
+    noise.install(a.verbose or noise.verbose_requested())
     path = a.chain_file or DEMO_CHAINS[a.chain]
     t0 = time.time()
     try:

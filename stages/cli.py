@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command '{cmd}'{hint}\n\n{usage()}", file=sys.stderr)
         return 2
     module, fn, _ = COMMANDS[cmd]
+    from .core import noise  # before any third-party import: some harmless warnings are printed at import
+
+    noise.install(noise.verbose_requested(rest))
     return int(getattr(importlib.import_module(module), fn)(rest) or 0)
 
 

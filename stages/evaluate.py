@@ -49,6 +49,7 @@ def build_parser(prog: str = "python -m stages.evaluate", out_required: bool = T
     ap.add_argument("--n_bootstrap", type=int, default=2000)
     ap.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     ap.add_argument("--force", action="store_true", help="judge again even if OUT holds this exact evaluation")
+    ap.add_argument("--verbose", action="store_true", help="show every third-party warning (stages/core/noise.py)")
     return ap
 
 

@@ -159,3 +159,129 @@ def test_validation_errors_name_file_row_field(row, task, reason, field):
     assert (e.value.reason, e.value.field, e.value.source, e.value.row) == (reason, field, "data/train.jsonl", 3)
     assert str(e.value).startswith(f"data/train.jsonl: row 3: field '{field}': ")
     assert isinstance(e.value, DataError)
+
+
+# ------------------------------------------------------------ feedback: a label or rating on the last assistant turn
+
+from stages.core.formats import check_rating_settings, pair_ratings  # noqa: E402
+
+FEEDBACK = [
+    ("messages_label", {"messages": [S("s"), U("q1"), A("a1"), U("q2"), A("a2")], "label": False},
+     [{"prompt": [S("s"), U("q1"), A("a1"), U("q2")], "completion": [A("a2")], "label": False}]),
+    ("messages_label", {"messages": [U("q"), A("a")], "kto_tag": True},
+     [{"prompt": [U("q")], "completion": [A("a")], "label": True}]),
+    ("sharegpt_label", {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+                        "kto_tag": False},
+     [{"prompt": [U("q")], "completion": [A("a")], "label": False}]),
+    ("messages_rating", {"messages": [U("q"), A("a")], "rating": 0.8},
+     [{"prompt": [U("q")], "completion": [A("a")], "label": True}]),
+    ("sharegpt_rating", {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+                         "score": 0.2},
+     [{"prompt": [U("q")], "completion": [A("a")], "label": False}]),
+    ("prompt_completion_rating", {"prompt": "q", "completion": "a", "score": 0.5},
+     [{"prompt": [U("q")], "completion": [A("a")], "label": True}]),
+    ("unpaired", {"prompt": "q", "completion": "a", "kto_tag": True},
+     [{"prompt": [U("q")], "completion": [A("a")], "label": True}]),
+]
+
+
+@pytest.mark.parametrize("fmt,row,expected", FEEDBACK, ids=[f"{c[0]}-{i}" for i, c in enumerate(FEEDBACK)])
+def test_feedback_rows_are_detected_and_become_kto_rows(fmt, row, expected):
+    assert detect_format(row.keys(), row, task="unpaired") == fmt
+    assert conv(row, "unpaired", fmt=fmt) == expected
+
+
+def test_feedback_formats_feed_prompts_and_give_way_for_sft():
+    row = {"messages": [U("q1"), A("a1"), U("q2"), A("a2")], "rating": 4}
+    assert conv(row, "prompt", fmt="messages_rating") == [{"prompt": [U("q1"), A("a1"), U("q2")]}]
+    # rated conversations read as plain conversations for SFT, which has no use for the rating
+    assert detect_format(row.keys(), row, task="sft") == "messages"
+    with pytest.raises(DataError, match="format 'messages_label' cannot be used for task 'sft'"):
+        check_task("messages_label", "sft", source="f.jsonl")
+
+
+def test_rating_threshold_defaults_to_the_middle_of_the_scale():
+    def label(rating, **kw):
+        return conv({"messages": [U("q"), A("a")], "rating": rating}, "unpaired", fmt="messages_rating", **kw)[0]["label"]
+
+    assert (label(0.49), label(0.5), label(1)) == (False, True, True)  # default scale [0, 1]: 0.5
+    assert (label(2.9, rating_scale=[1, 5]), label(3, rating_scale=[1, 5])) == (False, True)
+    assert (label(3, rating_scale=[1, 5], rating_threshold=4), label(4, rating_scale=[1, 5], rating_threshold=4)) \
+        == (False, True)
+    assert label(7, rating_threshold=6) is True  # a threshold alone: no scale check
+    with pytest.raises(RowError, match=r"rating 4 is outside the default scale \[0, 1\].*rating_scale") as e:
+        label(4)
+    assert (e.value.reason, e.value.field) == ("rating_out_of_scale", "rating")
+    with pytest.raises(RowError, match=r"rating 6 is outside rating_scale \[1, 5\]"):
+        conv({"messages": [U("q"), A("a")], "rating": 6}, "preference", fmt="messages_rating", rating_scale=[1, 5])
+
+
+def test_feedback_for_preference_gives_rated_rows_to_pair():
+    assert conv({"messages": [U("q"), A("a")], "score": 3}, "preference", fmt="messages_rating") == \
+        [{"prompt": [U("q")], "completion": [A("a")], "rating": 3.0}]
+    assert conv({"messages": [U("q"), A("a")], "label": True}, "preference", fmt="messages_label") == \
+        [{"prompt": [U("q")], "completion": [A("a")], "label": True}]
+
+
+def rated(prompt, *ratings):
+    return [{"prompt": [U(prompt)], "completion": [A(f"{prompt}-{i}")], "rating": float(r)}
+            for i, r in enumerate(ratings)]
+
+
+def test_pair_ratings_every_pair_of_different_ratings_with_the_gap_as_margin():
+    rows = list(enumerate(rated("q", 1, 3, 3, 5) + rated("solo", 2) + rated("tie", 4, 4)))
+    made, alone = pair_ratings(rows, "all")
+    got = sorted((p["prompt"][0]["content"], p["chosen"][0]["content"], p["rejected"][0]["content"], p["margin"])
+                 for _, p in made)
+    assert got == [("q", "q-1", "q-0", 2.0), ("q", "q-2", "q-0", 2.0), ("q", "q-3", "q-0", 4.0),
+                   ("q", "q-3", "q-1", 2.0), ("q", "q-3", "q-2", 2.0)]  # 3 vs 3 never pairs
+    assert alone == [4, 5, 6]  # the single rating and the tied pair
+
+
+def test_pair_ratings_extremes_pairs_best_with_worst_only():
+    made, alone = pair_ratings(list(enumerate(rated("q", 3, 5, 1, 5, 1))), "extremes")
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"], p["margin"]) for _, p in made] == \
+        [("q-1", "q-2", 4.0)]  # the first of equal bests / worsts
+    assert alone == [0, 3, 4]
+
+
+def test_labels_pair_good_with_bad_without_a_margin():
+    rows = [{"prompt": [U("q")], "completion": [A(c)], "label": lab} for c, lab in (("g", True), ("b", False), ("g2", True))]
+    made, alone = pair_ratings(list(enumerate(rows)))
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for _, p in made] == [("g", "b"), ("g2", "b")]
+    assert all("margin" not in p for _, p in made) and alone == []
+
+
+def test_rating_settings_are_checked():
+    check_rating_settings([1, 5], 3, "extremes")
+    for kw, key in (({"rating_scale": [5, 1]}, "rating_scale"), ({"rating_scale": [1]}, "rating_scale"),
+                    ({"rating_threshold": "high"}, "rating_threshold"), ({"pairs": "extreme"}, "pairs")):
+        with pytest.raises(ConfigError, match=key):
+            check_rating_settings(**kw)
+
+
+FEEDBACK_BAD = [
+    ({"messages": [U("q"), A("a")], "label": "yes"}, "messages_label", "invalid_label", "label"),
+    ({"messages": [U("q"), A("a")], "rating": "good"}, "messages_rating", "invalid_rating", "rating"),
+    ({"messages": [U("q"), A("a")], "rating": True}, "messages_rating", "invalid_rating", "rating"),
+    ({"messages": [U("q"), A("a")], "rating": None}, "messages_rating", "missing_field", "rating"),
+    ({"messages": [U("q"), A("a"), U("more")], "label": True}, "messages_label", "no_assistant_turn", "messages[2].role"),
+    ({"messages": [A("a")], "label": True}, "messages_label", "missing_field", "messages"),
+    ({"messages": [U("q"), U("q2"), A("a")], "label": True}, "messages_label", "role_order", "messages[1].role"),
+    ({"messages": [U("q"), A("")], "label": True}, "messages_label", "empty_content", "messages[1].content"),
+    ({"prompt": "q", "completion": "", "rating": 1}, "prompt_completion_rating", "empty_response", "completion"),
+]
+
+
+@pytest.mark.parametrize("row,fmt,reason,field", FEEDBACK_BAD, ids=[b[2] + str(i) for i, b in enumerate(FEEDBACK_BAD)])
+def test_bad_feedback_rows_name_file_row_field(row, fmt, reason, field):
+    with pytest.raises(RowError) as e:
+        convert_row(row, task="unpaired", fmt=fmt, source="data/fb.jsonl", index=5)
+    assert (e.value.reason, e.value.field) == (reason, field)
+    assert str(e.value).startswith(f"data/fb.jsonl: row 5: field '{field}': ")
+
+
+def test_prompt_task_reads_rated_conversations_as_plain_ones():
+    row = {"messages": [U("q1"), A("a1"), U("q2")], "score": 2}  # no final assistant turn: still a prompt
+    assert detect_format(row.keys(), row, task="prompt") == "messages"
+    assert conv(row, "prompt", fmt="messages") == [{"prompt": [U("q1"), A("a1"), U("q2")]}]

@@ -313,3 +313,132 @@ def test_no_training_rows_left_explains_why(tmp_path):
     b = write_jsonl(tmp_path / "b.jsonl", [{"messages": [U("q")]}])
     with pytest.raises(DataError, match="1 invalid.*e.g. .*b.jsonl: row 0: field 'messages'"):
         load_data([b], task="sft", on_invalid="drop")
+
+
+# ------------------------------------------------------------ feedback data: labels and ratings
+
+
+def rated_rows():
+    """Two prompts rated 1-5 (three answers each, one tie), one prompt with a single rating."""
+    rows = []
+    for q, ratings in (("q1", (5, 2, 2)), ("q2", (1, 4, 3)), ("q3", (4,))):
+        rows += [{"messages": [U(q), A(f"{q}-a{i}")], "rating": r} for i, r in enumerate(ratings)]
+    return rows
+
+
+def pair_set(ds):
+    return sorted((r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"], r["margin"])
+                  for r in ds)
+
+
+def test_ratings_become_preference_pairs_per_prompt(tmp_path):
+    p = write_jsonl(tmp_path / "rated.jsonl", rated_rows())
+    d = load_data([p], task="preference", validation_fraction=0, rating_scale=[1, 5])
+    assert pair_set(d.train) == [("q1", "q1-a0", "q1-a1", 3.0), ("q1", "q1-a0", "q1-a2", 3.0),
+                                 ("q2", "q2-a1", "q2-a0", 3.0), ("q2", "q2-a1", "q2-a2", 1.0),
+                                 ("q2", "q2-a2", "q2-a0", 2.0)]
+    rep = d.report.sources[0]
+    assert rep.format == "messages_rating" and rep.rows_read == 7 and rep.rows_kept == 5
+    assert rep.dropped_by_reason == {"no_rating_partner": 1}  # q3's single rating
+    d = load_data([{"path": p, "pairs": "extremes"}], task="preference", validation_fraction=0)
+    assert pair_set(d.train) == [("q1", "q1-a0", "q1-a1", 3.0), ("q2", "q2-a1", "q2-a0", 3.0)]
+    assert d.report.sources[0].dropped_by_reason == {"no_rating_partner": 3}
+
+
+def test_ratings_become_kto_labels_by_threshold(tmp_path):
+    p = write_jsonl(tmp_path / "rated.jsonl", rated_rows())
+    d = load_data([p], task="unpaired", validation_fraction=0, rating_scale=[1, 5])
+    got = sorted((r["completion"][0]["content"], r["label"]) for r in d.train)
+    assert got == [("q1-a0", True), ("q1-a1", False), ("q1-a2", False), ("q2-a0", False), ("q2-a1", True),
+                   ("q2-a2", True), ("q3-a0", True)]
+    d = load_data([{"path": p, "rating_threshold": 4.5}], task="unpaired", validation_fraction=0, rating_scale=[1, 5])
+    assert sorted(r["completion"][0]["content"] for r in d.train if r["label"]) == ["q1-a0"]
+    with pytest.raises(DataError, match=r"rated.jsonl: row 0: field 'rating': rating 5 is outside the default scale"):
+        load_data([p], task="unpaired", validation_fraction=0)
+
+
+def test_conversation_labels_load_for_kto_and_pair_for_dpo(tmp_path):
+    rows = [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": a}], "kto_tag": lab}
+            for a, lab in (("good", True), ("bad", False))]
+    p = write_jsonl(tmp_path / "thumbs.jsonl", rows)
+    d = load_data([p], task="unpaired", validation_fraction=0)
+    assert sorted((r["completion"][0]["content"], r["label"]) for r in d.train) == [("bad", False), ("good", True)]
+    assert d.report.sources[0].format == "sharegpt_label"
+    d = load_data([p], task="preference", validation_fraction=0)
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in d.train] == [("good", "bad")]
+    assert "margin" not in d.train.column_names
+
+
+def test_pairs_from_ratings_keep_each_prompt_on_one_side_of_the_split(tmp_path):
+    rows = [{"messages": [U(f"q{i}"), A(f"a{i}-{j}")], "rating": j} for i in range(12) for j in range(3)]
+    d = load_data([write_jsonl(tmp_path / "r.jsonl", rows)], task="preference", validation_fraction=0.25,
+                  rating_scale=[0, 2])
+    train = {r["prompt"][0]["content"] for r in d.train}
+    held = {r["prompt"][0]["content"] for r in d.eval}
+    assert held and train and not train & held
+    assert len(d.train) + len(d.eval) == 36  # 3 pairs per prompt
+
+
+def test_bad_feedback_rows_dropped_and_counted_by_reason(tmp_path):
+    rows = rated_rows() + [{"messages": [U("q4"), A("x")], "rating": "five"},
+                           {"messages": [U("q4"), A("y")], "rating": 9},
+                           {"messages": [U("q4"), U("z")], "rating": 1}]
+    p = write_jsonl(tmp_path / "rated.jsonl", rows)
+    with pytest.raises(DataError, match=r"rated.jsonl: row 7: field 'rating': rating must be a finite number"):
+        load_data([p], task="preference", rating_scale=[1, 5])
+    d = load_data([p], task="preference", validation_fraction=0, on_invalid="drop", rating_scale=[1, 5])
+    assert d.report.sources[0].dropped_by_reason == {"invalid_rating": 1, "rating_out_of_scale": 1,
+                                                     "no_assistant_turn": 1, "no_rating_partner": 1}
+    assert [(e["row"], e["field"]) for e in d.report.dropped_examples] == [(7, "rating"), (8, "rating"),
+                                                                         (9, "messages[1].role")]
+
+
+# ------------------------------------------------------------ files that cannot be read: one line naming the file
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("latin1.jsonl", b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n', r"latin1.jsonl: line 2: byte 0xe9 \(column 16\) is not UTF-8"),
+    ("latin1.csv", b"prompt\nok\ncaf\xe9\n", r"latin1.csv: line 3: byte 0xe9 .* is not UTF-8"),
+    ("quote.csv", b'prompt,completion\nq1,a1\n"q2,a2\nq3,a3\n', r"quote.csv: line 3: a quoted field .* never closed"),
+    ("empty.csv", b"", r"empty.csv: the file is empty"),
+    ("header.csv", b"prompt,completion\n", r"header.csv: the file holds no rows \(only a header\)"),
+    ("empty.parquet", b"", r"empty.parquet: the file is empty \(0 bytes\)"),
+    ("junk.parquet", b"not parquet at all", r"junk.parquet: not a readable Parquet file"),
+    ("empty.jsonl", b"", r"empty.jsonl: the file is empty"),
+    ("blank.jsonl", b"\n  \n\n", r"blank.jsonl: the file is empty"),
+    ("blank.json", b"  \n", r"blank.json: the file is empty"),
+    ("array.json", b"[]", r"array.json: the file holds no rows"),
+])
+def test_unreadable_files_are_one_error_naming_the_file(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=message) as e:
+        load_data([str(tmp_path / name)], task="prompt", validation_fraction=0)
+    assert "\n" not in str(e.value) and str(tmp_path / name) in str(e.value)
+
+
+def test_empty_parquet_table_names_the_file(tmp_path):
+    datasets.Dataset.from_dict({"prompt": []}).to_parquet(str(tmp_path / "none.parquet"))
+    with pytest.raises(DataError, match=r"none.parquet: the file holds no rows"):
+        load_data([str(tmp_path / "none.parquet")], task="prompt", validation_fraction=0)
+
+
+def test_jsonl_string_holding_a_line_separator_is_one_row(tmp_path):
+    p = tmp_path / "u2028.jsonl"
+    rows = [{"prompt": "first\u2028still first"}, {"prompt": "para\u2029graph"}, {"prompt": "third"}]
+    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
+    assert "\u2028" in p.read_text(encoding="utf-8")  # written raw, not escaped
+    d = load_data([str(p)], task="prompt", validation_fraction=0)
+    assert sorted(r["prompt"][0]["content"] for r in d.train) == ["first\u2028still first", "para\u2029graph", "third"]
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    p = tmp_path / "bom.csv"
+    p.write_bytes("\ufeffprompt\nq\n".encode("utf-8"))
+    d = load_data([str(p)], task="prompt", validation_fraction=0)
+    assert [r["prompt"][0]["content"] for r in d.train] == ["q"]
+
+
+def test_ratings_that_never_pair_are_explained_when_nothing_is_left(tmp_path):
+    p = write_jsonl(tmp_path / "single.jsonl", [{"messages": [U(f"q{i}"), A("a")], "rating": 1} for i in range(3)])
+    with pytest.raises(DataError, match="3 read, 0 invalid.*3 ratings with no other rating of their prompt"):
+        load_data([p], task="preference", validation_fraction=0)

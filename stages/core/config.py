@@ -88,6 +88,9 @@ class DataArguments:
     column_mapping: dict | str | None = field(default=None, metadata={"help": "Map canonical fields to your columns, e.g. {prompt: question}."})
     role_mapping: dict | str | None = field(default=None, metadata={"help": "Map your role names to system/user/assistant."})
     on_invalid: str = field(default="error", metadata={"help": "error (stop at the first bad row) or drop (drop and count)."})
+    rating_scale: list[float] | None = field(default=None, metadata={"help": "Feedback ratings' [lowest, highest]; ratings outside it are invalid rows."})
+    rating_threshold: float | None = field(default=None, metadata={"help": "KTO: rating >= this is desirable (default: the middle of rating_scale, else 0.5)."})
+    pairs: str = field(default="all", metadata={"help": "DPO/RM from ratings: all (every two different ratings of a prompt) or extremes (best vs worst)."})
     on_long: str = field(default="truncate", metadata={"help": "Rows over max_length: truncate (keep the response, trim the prompt's start), drop (counted) or error."})
     loss_on: str = field(default="assistant", metadata={"help": "SFT loss on: assistant (all assistant turns), last (final turn only) or all tokens."})
     max_train_rows: int | None = field(default=None, metadata={"help": "Cap on training rows after loading."})
@@ -99,6 +102,10 @@ class DataArguments:
         self.eval_datasets = json_or_value(self.eval_datasets, "eval_datasets")
         self.column_mapping = json_or_value(self.column_mapping, "column_mapping")
         self.role_mapping = json_or_value(self.role_mapping, "role_mapping")
+        self.rating_scale = json_or_value(self.rating_scale, "rating_scale")
+        from .formats import check_rating_settings
+
+        check_rating_settings(self.rating_scale, self.rating_threshold, self.pairs)
         if isinstance(self.datasets, (str, dict)):
             self.datasets = [self.datasets]
         if isinstance(self.eval_datasets, (str, dict)):
@@ -127,6 +134,7 @@ class RunArguments:
     keep_checkpoints: bool = field(default=False, metadata={"help": "Keep intermediate checkpoints after the stage completes."})
     force: bool = field(default=False, metadata={"help": "Replace a completed output directory whose config differs."})
     license: str | None = field(default=None, metadata={"help": "License for the model card (e.g. apache-2.0)."})
+    verbose: bool = field(default=False, metadata={"help": "Show every third-party warning, the known-harmless ones too (stages/core/noise.py)."})
     compact_lm_head: bool = field(default=True, metadata={"help": "CPU fast path: score only labelled positions in TRL's SFT/DPO LM head (false: TRL's own)."})
     bf16_frozen_weights: bool = field(default=True, metadata={"help": "CPU fast path: keep frozen base weights in bf16 under bf16 autocast (false: fp32)."})
 

@@ -24,7 +24,8 @@ from .errors import ConfigError, DataError
 from .readers import SUFFIXES, read_file, read_source  # noqa: F401  (re-exported)
 
 SOURCE_KEYS = ("path", "name", "data_dir", "data_files", "split", "columns", "fraction",
-               "weight", "format", "column_mapping", "role_mapping", "max_rows")
+               "weight", "format", "column_mapping", "role_mapping", "max_rows", "rating_scale",
+               "rating_threshold", "pairs")
 MAX_EXAMPLES = 5  # dropped-row examples kept in the report
 
 
@@ -142,10 +143,18 @@ def normalize_source(src: Any, index: int) -> dict:
 class _Loader:
     """Reads, converts, validates and dedupes sources; shares one `seen` set per role."""
 
-    def __init__(self, task, on_invalid, data_format, column_mapping, role_mapping, max_rows):
+    def __init__(self, task, on_invalid, data_format, column_mapping, role_mapping, max_rows, ratings):
         self.task, self.on_invalid, self.data_format = task, on_invalid, data_format
         self.column_mapping, self.role_mapping, self.max_rows = column_mapping, role_mapping, max_rows
+        self.ratings = ratings  # rating_scale, rating_threshold, pairs
         self.examples: list[dict] = []
+        self.by_prompt: set[int] = set()  # ids of sources whose pairs were made per prompt (split by prompt)
+
+    def _drop(self, rep: SourceReport, e: F.RowError) -> None:
+        rep.dropped_by_reason[e.reason] = rep.dropped_by_reason.get(e.reason, 0) + 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append({"source": e.source, "row": e.row, "field": e.field, "reason": e.reason,
+                                  "message": str(e)})
 
     def load(self, spec: dict, seen: set) -> tuple[SourceReport, list[tuple[str, dict]]]:
         rep = SourceReport(source=spec["path"] + (f" [{spec['split']}]" if spec.get("split") else ""),
@@ -154,7 +163,10 @@ class _Loader:
         rm = spec.get("role_mapping", self.role_mapping)
         F.check_mappings(cm, rm)
         budget = spec.get("max_rows", self.max_rows)
-        out, fmts = [], []
+        ratings = {k: spec.get(k, v) for k, v in self.ratings.items()}
+        F.check_rating_settings(**ratings)
+        pairs = ratings.pop("pairs")
+        converted, rated, fmts = [], [], []
         for label, rows in read_source(spec):
             if budget is not None:
                 rows, budget = rows[:max(budget, 0)], max(budget - len(rows), 0)
@@ -165,25 +177,34 @@ class _Loader:
             rows = self._select(rows, spec.get("columns"), label)
             fmt = self._format(spec, rows, cm, label)
             fmts.append(fmt)
+            pairing = self.task == "preference" and F.kind(fmt) == "feedback"
             for i, row in enumerate(rows):
                 try:
                     canon = F.convert_row(row, task=self.task, fmt=fmt, column_mapping=cm, role_mapping=rm,
-                                          source=label, index=i)
+                                          source=label, index=i, **ratings)
                 except F.RowError as e:
                     if self.on_invalid == "error":
                         raise
-                    rep.dropped_by_reason[e.reason] = rep.dropped_by_reason.get(e.reason, 0) + 1
-                    if len(self.examples) < MAX_EXAMPLES:
-                        self.examples.append({"source": label, "row": i, "field": e.field, "reason": e.reason,
-                                              "message": str(e)})
+                    self._drop(rep, e)
                     continue
-                for c in canon:
-                    key = row_key(c)
-                    if key in seen:
-                        rep.duplicates_removed += 1
-                    else:
-                        seen.add(key)
-                        out.append((key, c))
+                if pairing:
+                    rated += [((label, i), c) for c in canon]
+                else:
+                    converted += canon
+        if rated:  # ratings/labels become pairs per prompt, over all of this source's files
+            made, alone = F.pair_ratings(rated, pairs)
+            converted += [p for _, p in made]
+            if alone:
+                rep.dropped_by_reason["no_rating_partner"] = len(alone)
+            self.by_prompt.add(id(rep))
+        out = []
+        for c in converted:
+            key = row_key(c)
+            if key in seen:
+                rep.duplicates_removed += 1
+            else:
+                seen.add(key)
+                out.append((key, c))
         rep.format = ",".join(dict.fromkeys(fmts))
         rep.rows_kept = len(out)
         return rep, out
@@ -211,7 +232,8 @@ class _Loader:
         if fmt == "auto":
             mapped = F.map_columns(dict.fromkeys(cols), cm)
             sample = next((r for r in rows if F.map_columns(r, cm).get("chosen") is not None), rows[0])
-            fmt = F.detect_format(cols, sample if "chosen" in mapped else None, column_mapping=cm, source=label)
+            fmt = F.detect_format(cols, sample if "chosen" in mapped else None, column_mapping=cm, source=label,
+                                  task=self.task)
         F.check_task(fmt, self.task, source=label)
         return fmt
 
@@ -237,11 +259,11 @@ def _rank(seed: int, key: str, salt: str = "") -> str:
     return hashlib.sha256(f"{seed}:{salt}:{key}".encode("utf-8")).hexdigest()
 
 
-def _split_key(task: str, key: str, row: dict) -> str:
+def _split_key(by_prompt: bool, key: str, row: dict) -> str:
     """Rows that must stay on one side of the split share a key. KTO rows unpaired from one preference
-    pair (and any rows sharing a prompt) are grouped by prompt, else validation would score
-    completions to prompts seen in training."""
-    return row_key({"prompt": row["prompt"]}) if task == "unpaired" else key
+    pair (and any rows sharing a prompt), and pairs made from ratings of one prompt, are grouped by
+    prompt, else validation would score completions to prompts seen in training."""
+    return row_key({"prompt": row["prompt"]}) if by_prompt else key
 
 
 def _weighted(rows: list, weight: float, seed: int) -> list:
@@ -275,7 +297,7 @@ def _dataset(rows: list[dict], report: DataReport):
 
 def load_data(sources, *, task, eval_sources=None, validation_fraction=0.1, validation_size=None, seed=42,
               on_invalid="error", data_format="auto", column_mapping=None, role_mapping=None,
-              max_rows=None) -> LoadedData:
+              max_rows=None, rating_scale=None, rating_threshold=None, pairs="all") -> LoadedData:
     """Load, validate, dedupe, mix and split ``sources`` into canonical rows for ``task``.
 
     ``max_rows`` is the default per-source cap on rows read. Without ``eval_sources``, the
@@ -284,7 +306,12 @@ def load_data(sources, *, task, eval_sources=None, validation_fraction=0.1, vali
     seed, not on file order. For ``unpaired`` (KTO) whole prompts are held out, so no prompt is on
     both sides (with ``eval_sources``, training rows with an eval prompt are removed). Weights apply
     to training rows only; the training set is shuffled deterministically (seeded), the eval set is
-    in hash order."""
+    in hash order.
+
+    Feedback rows (a label or a rating on a conversation's last assistant turn): ``rating_threshold``
+    (default: the middle of ``rating_scale``, else 0.5 of [0, 1]) makes labels for ``unpaired``;
+    for ``preference`` ``pairs`` (all | extremes) pairs ratings per prompt (formats.pair_ratings),
+    rows in no pair are counted as ``no_rating_partner``, and such pairs are split by prompt."""
     if task not in F.TASKS:
         raise ConfigError(f"unknown task '{task}'{F.suggest(task, F.TASKS)}; expected one of {', '.join(F.TASKS)}")
     if on_invalid not in ("error", "drop"):
@@ -302,7 +329,8 @@ def load_data(sources, *, task, eval_sources=None, validation_fraction=0.1, vali
         raise ConfigError("no datasets given")
     specs = [normalize_source(s, i) for i, s in enumerate(sources)]
     eval_specs = [normalize_source(s, i) for i, s in enumerate(eval_sources or [])]
-    loader = _Loader(task, on_invalid, data_format, column_mapping, role_mapping, max_rows)
+    loader = _Loader(task, on_invalid, data_format, column_mapping, role_mapping, max_rows,
+                     {"rating_scale": rating_scale, "rating_threshold": rating_threshold, "pairs": pairs})
     report = DataReport(task=task, on_invalid=on_invalid, sources=[])
 
     seen: set = set()
@@ -314,6 +342,7 @@ def load_data(sources, *, task, eval_sources=None, validation_fraction=0.1, vali
     _apply_fractions(parts, report.sources)
     for rep, rows in zip(report.sources, parts):
         rep.fingerprint = fingerprint(k for k, _ in rows)
+    by_prompt = [task == "unpaired" or id(rep) in loader.by_prompt for rep in report.sources]
 
     eval_rows: list = []
     if eval_specs:
@@ -327,9 +356,12 @@ def load_data(sources, *, task, eval_sources=None, validation_fraction=0.1, vali
         for rep, rows in zip(report.eval_sources, eparts):
             rep.fingerprint, rep.rows_eval = fingerprint(k for k, _ in rows), len(rows)
             eval_rows += rows
-        keys = {_split_key(task, *kc) for kc in eval_rows}
+        keys = {k for k, _ in eval_rows}
+        if any(by_prompt):
+            keys |= {_split_key(True, *kc) for kc in eval_rows}
         before = sum(map(len, parts))
-        parts = [[kc for kc in p if _split_key(task, *kc) not in keys] for p in parts]
+        parts = [[kc for kc in p if _split_key(bp, *kc) not in keys and kc[0] not in keys]
+                 for p, bp in zip(parts, by_prompt)]
         report.eval_overlap_removed = before - sum(map(len, parts))
         report.split = {"rule": f"eval_sources ({len(eval_specs)})", "seed": seed}
     else:
@@ -338,13 +370,13 @@ def load_data(sources, *, task, eval_sources=None, validation_fraction=0.1, vali
             min(max(1, round(validation_fraction * n)), n - 1) if validation_fraction > 0 and n > 1 else 0)
         if k and k >= n:
             raise DataError(f"validation split of {k} rows leaves no training rows ({n} unique rows)")
-        def group(kc) -> str:
-            return _rank(seed, _split_key(task, *kc))
+        def group(kc, bp: bool) -> str:
+            return _rank(seed, _split_key(bp, *kc))
 
         sizes: dict[str, int] = {}
-        for p in parts:
+        for p, bp in zip(parts, by_prompt):
             for kc in p:
-                sizes[group(kc)] = sizes.get(group(kc), 0) + 1
+                sizes[group(kc, bp)] = sizes.get(group(kc, bp), 0) + 1
         held: set = set()
         n_held = 0
         for g in sorted(sizes):  # whole groups in hash order until k rows; one group always trains
@@ -353,11 +385,11 @@ def load_data(sources, *, task, eval_sources=None, validation_fraction=0.1, vali
             held.add(g)
             n_held += sizes[g]
         for i, (rep, p) in enumerate(zip(report.sources, parts)):
-            ev = [kc for kc in p if group(kc) in held]
+            ev = [kc for kc in p if group(kc, by_prompt[i]) in held]
             rep.rows_eval = len(ev)
             eval_rows += ev
-            parts[i] = [kc for kc in p if group(kc) not in held]
-        by = f", whole prompts ({len(held)})" if task == "unpaired" else ""
+            parts[i] = [kc for kc in p if group(kc, by_prompt[i]) not in held]
+        by = f", whole prompts ({len(held)})" if any(by_prompt) else ""
         report.split = {"rule": f"hash(seed={seed}): {n_held} of {n} unique rows held out{by}" if n_held else "none",
                         "seed": seed, "validation_fraction": validation_fraction, "validation_size": validation_size}
     report.dropped_examples = loader.examples
@@ -371,10 +403,12 @@ def load_data(sources, *, task, eval_sources=None, validation_fraction=0.1, vali
     eval_rows.sort(key=lambda kc: _rank(seed, kc[0]))
     if not train:
         src = report.sources
+        alone = sum(s.dropped_by_reason.get("no_rating_partner", 0) for s in src)
         raise DataError(f"no training rows left: {sum(s.rows_read for s in src)} read, "
-                        f"{sum(sum(s.dropped_by_reason.values()) for s in src)} invalid, "
+                        f"{sum(sum(s.dropped_by_reason.values()) for s in src) - alone} invalid, "
                         f"{sum(s.duplicates_removed for s in src)} duplicates, "
                         f"{report.eval_overlap_removed} identical to eval rows"
+                        + (f", {alone} ratings with no other rating of their prompt to pair with" if alone else "")
                         + "".join(f"; e.g. {e['message']}" for e in report.dropped_examples[:2]))
     report.train_size, report.eval_size = len(train), len(eval_rows)
     report.train_fingerprint = fingerprint(k for k, _, _ in train)

@@ -11,6 +11,12 @@ Pure functions, no I/O. Every task's canonical row is built from conversational 
   preference row gives two rows (chosen → True, rejected → False).
 - ``prompt``: ``{"prompt": [... user]}`` (a conversation drops its final assistant turn).
 
+Feedback rows (a conversation or prompt/completion rated by a boolean ``label``/``kto_tag`` or a
+number ``rating``/``score``) rate the final assistant turn; everything before it is the prompt. For
+``unpaired`` a rating becomes a label by threshold (``rating >= threshold``); for ``preference``
+``convert_row`` returns one ``{"prompt", "completion", "rating"}`` row and ``pair_ratings`` (which
+needs every row of a source) pairs completions of the same prompt.
+
 A ``meta`` column passes through unchanged; other unknown columns are ignored. Problems in a
 row raise ``RowError`` (a ``DataError`` with a machine-readable ``reason``).
 """
@@ -30,6 +36,11 @@ BUILTIN_ROLES = {"system": "system", "user": "user", "human": "user", "assistant
 
 # format name -> required columns, in detection order (most specific first).
 FORMATS: dict[str, tuple[str, ...]] = {
+    "messages_label": ("messages", "label"),  # feedback: last assistant turn rated by a boolean
+    "sharegpt_label": ("conversations", "label"),
+    "messages_rating": ("messages", "rating"),  # feedback: last assistant turn rated by a number
+    "sharegpt_rating": ("conversations", "rating"),
+    "prompt_completion_rating": ("prompt", "completion", "rating"),
     "messages": ("messages",),
     "sharegpt_preference": ("conversations", "chosen", "rejected"),
     "sharegpt": ("conversations",),
@@ -43,12 +54,17 @@ FORMATS: dict[str, tuple[str, ...]] = {
 }
 _KIND = {"messages": "conv", "sharegpt": "conv", "alpaca": "conv", "prompt_completion": "conv",
          "preference": "pair", "implicit_preference": "pair", "hh": "pair",
-         "sharegpt_preference": "pair", "unpaired": "unpaired", "prompt_only": "prompt"}
+         "sharegpt_preference": "pair", "unpaired": "unpaired", "prompt_only": "prompt",
+         "messages_label": "feedback", "sharegpt_label": "feedback", "messages_rating": "feedback",
+         "sharegpt_rating": "feedback", "prompt_completion_rating": "feedback"}
 # which row kinds can feed which task
-_TASK_KINDS = {"sft": ("conv", "pair"), "preference": ("pair",), "unpaired": ("unpaired", "pair"),
-               "prompt": ("conv", "pair", "unpaired", "prompt")}
-MAPPABLE = ("messages", "conversations", "prompt", "completion", "chosen", "rejected", "label",
+_TASK_KINDS = {"sft": ("conv", "pair"), "preference": ("pair", "feedback"), "unpaired": ("unpaired", "pair", "feedback"),
+               "prompt": ("conv", "pair", "unpaired", "prompt", "feedback")}
+MAPPABLE = ("messages", "conversations", "prompt", "completion", "chosen", "rejected", "label", "rating",
             "margin", "meta", "instruction", "input", "output", "system", "role", "content")
+# other common names of a canonical column, used when the canonical one is absent
+ALIASES = {"kto_tag": "label", "score": "rating"}
+PAIRINGS = ("all", "extremes")
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
 
 
@@ -85,24 +101,35 @@ def check_mappings(column_mapping: Mapping | None, role_mapping: Mapping | None)
 
 
 def map_columns(row: Mapping, column_mapping: Mapping | None) -> dict:
-    """Rename columns: ``column_mapping`` maps canonical field -> source column."""
-    if not column_mapping:
-        return dict(row)
-    mapping = {k: v for k, v in column_mapping.items() if k not in ("role", "content")}
+    """Rename columns: ``column_mapping`` maps canonical field -> source column; ``ALIASES``
+    (``kto_tag``, ``score``) stand in for a canonical column the row lacks."""
+    mapping = {k: v for k, v in (column_mapping or {}).items() if k not in ("role", "content")}
     out = {k: v for k, v in row.items() if k not in mapping.values()}
     out.update({canon: row[src] for canon, src in mapping.items() if src in row})
+    for alias, canon in ALIASES.items():
+        if canon not in out and alias in out:
+            out[canon] = out.pop(alias)
     return out
 
 
+def kind(fmt: str) -> str:
+    """The row kind of a format: conv, pair, unpaired, prompt or feedback."""
+    return _KIND[fmt]
+
+
 def detect_format(columns: Iterable[str], sample: Mapping | None = None, *, column_mapping=None,
-                  source: str | None = None) -> str:
+                  source: str | None = None, task: str | None = None) -> str:
     """Name of the format whose columns are present (after ``column_mapping``).
 
-    ``sample`` (a row) tells Anthropic-HH strings from implicit-prompt message lists."""
+    ``sample`` (a row) tells Anthropic-HH strings from implicit-prompt message lists. For the ``sft``
+    and ``prompt`` tasks, which have no use for a label or rating, feedback formats give way to the
+    next match (rated conversations read as plain conversations)."""
     raw = list(columns)
     cols = set(map_columns(dict.fromkeys(raw), column_mapping))
     for name, required in FORMATS.items():
         if not set(required) <= cols:
+            continue
+        if task in ("sft", "prompt") and _KIND[name] == "feedback":
             continue
         if name in ("hh", "implicit_preference") and sample is not None:
             chosen = map_columns(sample, column_mapping).get("chosen")
@@ -128,16 +155,35 @@ def check_task(fmt: str, task: str, *, source: str | None = None) -> None:
                         source=source)
 
 
+def check_rating_settings(rating_scale=None, rating_threshold=None, pairs: str = "all") -> None:
+    """Raise ConfigError for a malformed ``rating_scale``/``rating_threshold``/``pairs``."""
+    if rating_scale is not None:
+        ok = isinstance(rating_scale, (list, tuple)) and len(rating_scale) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in rating_scale)
+        if not ok or rating_scale[0] >= rating_scale[1]:
+            raise ConfigError(f"rating_scale: expected [lowest, highest] with lowest < highest, got {rating_scale!r}")
+    if rating_threshold is not None and (isinstance(rating_threshold, bool)
+                                         or not isinstance(rating_threshold, (int, float))):
+        raise ConfigError(f"rating_threshold: must be a number, got {rating_threshold!r}")
+    if pairs not in PAIRINGS:
+        raise ConfigError(f"pairs: must be one of {', '.join(PAIRINGS)}, got {pairs!r}{suggest(pairs, PAIRINGS)}")
+
+
 def convert_row(row: Mapping, *, task: str, fmt: str, column_mapping=None, role_mapping=None,
-                source: str | None = None, index: int | None = None) -> list[dict]:
+                source: str | None = None, index: int | None = None, rating_scale=None,
+                rating_threshold=None) -> list[dict]:
     """Convert one raw row to canonical rows for ``task`` (one row; two for pair → unpaired).
 
-    Raises ``RowError`` naming ``source``, row ``index`` and the offending field."""
+    Feedback rows for ``preference`` come back as ``{"prompt", "completion", "rating"}`` rows for
+    ``pair_ratings``. Raises ``RowError`` naming ``source``, row ``index`` and the offending field."""
     check_task(fmt, task, source=source)
     row = map_columns(row, column_mapping)
     keys = {k: (column_mapping or {}).get(k) for k in ("role", "content")}
     try:
-        out = _to_task(_parse(fmt, row, dict(role_mapping or {}), keys), task)
+        parsed = _parse(fmt, row, dict(role_mapping or {}), keys)
+        if parsed[0] == "feedback":
+            parsed = _feedback(parsed, task, rating_scale, rating_threshold)
+        out = _to_task(parsed, task)
     except _Bad as e:
         raise RowError(e.message, reason=e.reason, source=source, row=index, field=e.field) from None
     if row.get("meta") is not None:
@@ -329,6 +375,8 @@ def _parse(fmt: str, row: Mapping, rm: dict, keys: dict) -> tuple:
             raise _Bad("identical_pair", "rejected", "chosen and rejected are identical")
         _check_order(prompt, col, end="user")
         return "pair", prompt, chosen, rejected, _margin(row)
+    if _KIND[fmt] == "feedback":
+        return _parse_feedback(fmt, row, rm, keys)
     prompt = _text_or_messages(_get(row, "prompt"), "prompt", "user", rm, keys)
     if fmt == "unpaired":
         label = _get(row, "label")
@@ -340,8 +388,100 @@ def _parse(fmt: str, row: Mapping, rm: dict, keys: dict) -> tuple:
     return "conv", prompt + completion, "prompt"  # prompt_completion
 
 
+def _parse_feedback(fmt: str, row: Mapping, rm: dict, keys: dict) -> tuple:
+    """("feedback", prompt, completion, field, value): the final assistant turn and its label or rating."""
+    if fmt == "prompt_completion_rating":
+        prompt = _text_or_messages(_get(row, "prompt"), "prompt", "user", rm, keys)
+        completion = _response(_get(row, "completion"), "completion", prompt, rm, keys)
+    else:
+        col = "conversations" if fmt.startswith("sharegpt") else "messages"
+        msgs = _messages(_get(row, col), col, rm, keys)
+        if msgs[-1]["role"] != "assistant":
+            raise _Bad("no_assistant_turn", f"{col}[{len(msgs) - 1}].role",
+                       "the last turn must be the assistant turn the feedback rates")
+        prompt, completion = msgs[:-1], msgs[-1:]
+        _check_order(prompt, col, end="user")
+    field = "label" if fmt.endswith("_label") else "rating"
+    value = _get(row, field)
+    if field == "label" and not isinstance(value, bool):
+        raise _Bad("invalid_label", "label", f"label must be a boolean (true/false), got {value!r} "
+                                             f"({type(value).__name__})")
+    if field == "rating" and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        raise _Bad("invalid_rating", "rating", f"rating must be a finite number, got {value!r} ({type(value).__name__})")
+    return "feedback", prompt, completion, field, value
+
+
+def _feedback(parsed: tuple, task: str, scale, threshold) -> tuple:
+    """A feedback row for ``task``: a label (rating >= threshold) for unpaired, a rated row to pair."""
+    _, prompt, completion, field, value = parsed
+    if task == "prompt":
+        return "prompt", prompt
+    if field == "rating":
+        value = float(value)
+        if scale is not None and not scale[0] <= value <= scale[1]:
+            raise _Bad("rating_out_of_scale", "rating", f"rating {value:g} is outside rating_scale "
+                                                        f"[{scale[0]:g}, {scale[1]:g}]")
+        if task == "unpaired":
+            if threshold is None and scale is None and not 0 <= value <= 1:
+                raise _Bad("rating_out_of_scale", "rating",
+                           f"rating {value:g} is outside the default scale [0, 1] (threshold 0.5); set "
+                           "rating_scale: [lowest, highest] (threshold at its middle) or rating_threshold")
+            if threshold is None:
+                threshold = (scale[0] + scale[1]) / 2 if scale is not None else 0.5
+            return "unpaired", prompt, completion, value >= threshold
+    elif task == "unpaired":
+        return "unpaired", prompt, completion, value
+    return "rated", prompt, completion, field, value
+
+
+def pair_ratings(rows: list[tuple[int, dict]], pairs: str = "all") -> tuple[list[tuple[int, dict]], list[int]]:
+    """Preference pairs from rated rows ``(index, {"prompt", "completion", "rating"|"label"})``.
+
+    Rows sharing a prompt are paired: ``all`` pairs every two different ratings, ``extremes`` the
+    best with the worst (the first of each in file order). Equal ratings never pair; the higher
+    rating is chosen; a numeric rating's gap becomes ``margin``. Returns (chosen row's index, pair)
+    and the indices of rows in no pair."""
+    groups: dict[str, list[tuple[int, dict]]] = {}
+    for index, row in rows:
+        key = repr(row["prompt"])
+        groups.setdefault(key, []).append((index, row))
+    out, used = [], set()
+
+    def value(row):
+        return float(row["rating"]) if "rating" in row else float(row["label"])
+
+    def pair(a, b):
+        (ia, ra), (ib, rb) = (a, b) if value(a[1]) > value(b[1]) else (b, a)
+        if ra["completion"] == rb["completion"]:
+            return
+        p = {"prompt": ra["prompt"], "chosen": ra["completion"], "rejected": rb["completion"]}
+        if "rating" in ra:
+            p["margin"] = value(ra) - value(rb)
+        if ra.get("meta") is not None:
+            p["meta"] = ra["meta"]
+        out.append((ia, p))
+        used.update((ia, ib))
+
+    for group in groups.values():
+        if pairs == "extremes":
+            best = max(group, key=lambda ir: value(ir[1]))  # max/min keep the first of equals
+            worst = min(group, key=lambda ir: value(ir[1]))
+            if value(best[1]) != value(worst[1]):
+                pair(best, worst)
+            continue
+        for i, a in enumerate(group):
+            for b in group[i + 1:]:
+                if value(a[1]) != value(b[1]):
+                    pair(a, b)
+    return out, [i for i, _ in rows if i not in used]
+
+
 def _to_task(parsed: tuple, task: str) -> list[dict]:
     kind = parsed[0]
+    if kind == "rated":
+        _, prompt, completion, field, value = parsed
+        _check_order(prompt, "prompt", end="user")
+        return [{"prompt": prompt, "completion": completion, field: value}]
     if kind == "conv":
         msgs, field = parsed[1], parsed[2]
         if task == "sft":

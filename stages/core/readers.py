@@ -2,8 +2,10 @@
 Hub names and the built-in ``demo:NAME`` sets. Returns plain row dicts; conversion happens in data.py."""
 from __future__ import annotations
 
+import codecs
 import glob
 import importlib
+import io
 import json
 import re
 from pathlib import Path
@@ -15,8 +17,10 @@ SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
 def _json_lines(text: str, label: str) -> list[dict]:
+    # split on "\n" only: str.splitlines also breaks at U+2028/U+2029 and other characters that JSON
+    # strings may hold unescaped
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -27,6 +31,56 @@ def _json_lines(text: str, label: str) -> list[dict]:
             raise DataError(f"line {n}: expected a JSON object, got {type(obj).__name__}", source=label)
         rows.append(obj)
     return rows
+
+
+def _read_text(path: Path, label: str) -> str:
+    """The file as UTF-8 text (a leading byte-order mark dropped); other bytes name their line."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read the file: {e.strerror or e}", source=label) from None
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - data.rfind(b"\n", 0, e.start)
+        raise DataError(f"line {line}: byte 0x{data[e.start]:02x} (column {column}) is not UTF-8; save the file "
+                        "as UTF-8", source=label) from None
+
+
+def _read_csv(text: str, label: str) -> list[dict]:
+    import pandas as pd
+
+    if not text.strip():
+        raise DataError("the file is empty (no header row, no rows)", source=label)
+    try:
+        df = pd.read_csv(io.StringIO(text))
+    except pd.errors.EmptyDataError:
+        raise DataError("the file is empty (no header row, no rows)", source=label) from None
+    except pd.errors.ParserError as e:
+        msg = str(e).replace("Error tokenizing data. C error: ", "")
+        eof = re.search(r"EOF inside string starting at row (\d+)", msg)
+        if eof:  # pandas counts the header as row 0: that is the file's line number minus one
+            raise DataError(f"line {int(eof.group(1)) + 1}: a quoted field starting on this line is never closed "
+                            "(unterminated quote)", source=label) from None
+        raise DataError(f"not readable as CSV: {msg}", source=label) from None
+    return [{k: _decode_cell(v) for k, v in r.items()}
+            for r in df.astype(object).where(df.notna(), None).to_dict("records")]
+
+
+def _read_parquet(path: Path, label: str) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if path.stat().st_size == 0:
+            raise DataError("the file is empty (0 bytes)", source=label)
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        msg = str(e).replace(f"Could not open Parquet input source '{path}': ", "")
+        raise DataError(f"not a readable Parquet file: {msg}", source=label) from None
 
 
 def _decode_cell(v: Any) -> Any:
@@ -41,35 +95,37 @@ def _decode_cell(v: Any) -> Any:
 
 
 def read_file(path: Path) -> list[dict]:
-    """Rows of one .json/.jsonl/.csv/.parquet file (CSV cells holding JSON objects/lists are decoded)."""
+    """Rows of one .json/.jsonl/.csv/.parquet file (CSV cells holding JSON objects/lists are decoded).
+
+    A file that cannot be read (not UTF-8, an unterminated CSV quote, not Parquet) or that holds no
+    rows raises one DataError naming the file (and the line, where there is one)."""
     label, suffix = str(path), path.suffix.lower()
     if suffix in (".json", ".jsonl"):
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path, label)
+        if not text.strip():
+            raise DataError("the file is empty (no rows)", source=label)
+        rows = None
         if suffix == ".json":
             try:
-                obj = json.loads(text) if text.strip() else []
+                rows = json.loads(text)
             except json.JSONDecodeError as e:
                 if text.lstrip()[:1] == "[":
                     raise DataError(f"malformed JSON on line {e.lineno}: {e.msg}", source=label) from None
-                obj = None  # not one document: JSON lines
-            if isinstance(obj, dict):
-                obj = [obj]
-            if obj is not None:
-                if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
-                    raise DataError("expected a JSON array of objects (or JSON lines)", source=label)
-                return obj
-        return _json_lines(text, label)
-    if suffix == ".csv":
-        import pandas as pd
-
-        df = pd.read_csv(path)
-        return [{k: _decode_cell(v) for k, v in r.items()}
-                for r in df.astype(object).where(df.notna(), None).to_dict("records")]
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    raise DataError(f"unsupported file type '{suffix}'; expected one of {', '.join(SUFFIXES)}", source=label)
+                rows = None  # not one document: JSON lines
+            if isinstance(rows, dict):
+                rows = [rows]
+            if rows is not None and (not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows)):
+                raise DataError("expected a JSON array of objects (or JSON lines)", source=label)
+        rows = _json_lines(text, label) if rows is None else rows
+    elif suffix == ".csv":
+        rows = _read_csv(_read_text(path, label), label)
+    elif suffix == ".parquet":
+        rows = _read_parquet(path, label)
+    else:
+        raise DataError(f"unsupported file type '{suffix}'; expected one of {', '.join(SUFFIXES)}", source=label)
+    if not rows:
+        raise DataError("the file holds no rows" + (" (only a header)" if suffix == ".csv" else ""), source=label)
+    return rows
 
 
 def _read_saved(path: Path, split: str | None) -> list[dict]:

@@ -116,7 +116,8 @@ def load_stage_data(args: ParsedArgs, task: str):
     d = args.data
     loaded = load_data(train, task=task, eval_sources=evals, validation_fraction=d.validation_fraction,
                        validation_size=d.validation_size, seed=args.training.seed, on_invalid=d.on_invalid,
-                       data_format=d.data_format, column_mapping=d.column_mapping, role_mapping=d.role_mapping)
+                       data_format=d.data_format, column_mapping=d.column_mapping, role_mapping=d.role_mapping,
+                       rating_scale=d.rating_scale, rating_threshold=d.rating_threshold, pairs=d.pairs)
     for split, rows, sources in (("train", loaded.train, train), ("validation", loaded.eval, evals)):
         if sources and (rows is None or not len(rows)):
             raise ConfigError(f"{'datasets' if split == 'train' else 'eval_datasets'}: no {split} rows in "
@@ -173,9 +174,22 @@ def best_eval(history: list[dict], key: str = "eval_loss", lower_is_better: bool
     return min(values) if lower_is_better else max(values)
 
 
+def recipe_says_verbose(argv: list[str]) -> bool:
+    """The recipe's own `verbose: true` (read before any import that prints, as the `env:` block is)."""
+    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+        return False
+    value = load_recipe(argv[argv.index("--config") + 1]).get("verbose", False)
+    return value is True or str(value).lower() in ("true", "1", "yes")
+
+
 def run_cli(main, argv=None) -> int:
-    """Run a stage main: user errors print one line and exit 2; nothing half-written is left as complete."""
+    """Run a stage main: user errors print one line and exit 2; nothing half-written is left as complete.
+    Known-harmless third-party warnings are silenced first (stages/core/noise.py; `--verbose` shows all)."""
+    from . import noise
+
     try:
+        args = list(sys.argv[1:] if argv is None else argv)
+        noise.install(noise.verbose_requested(args) or recipe_says_verbose(args))
         main(argv)
         return 0
     except UserError as e:
