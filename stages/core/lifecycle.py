@@ -194,6 +194,11 @@ class StageRun:
                         artifacts.write_json(ckpt / CHECKPOINT_FINGERPRINT, {"fingerprint": run.fingerprint})
 
         cbs = [RecordFingerprint()]
+        keep = self.args.__dict__.get("uncheckpointed_layers")
+        if keep:
+            from .memory import SelectiveCheckpointing
+
+            cbs.append(SelectiveCheckpointing(keep))
         if self.args.run.early_stopping_patience:
             cbs.append(EarlyStoppingCallback(self.args.run.early_stopping_patience, self.args.run.early_stopping_threshold))
         return cbs

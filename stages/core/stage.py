@@ -139,16 +139,27 @@ def encode_split(fn, data, split: str, tokenizer, args: ParsedArgs, stage: str, 
 
 
 def checkpointing_for_memory(args: ParsedArgs, model, stage: str, *, rows_per_example: int = 1) -> None:
-    """CPU runs train without gradient checkpointing when memory allows; otherwise it goes back on."""
+    """On CPU, plan activation memory against `memory_budget_gb`: layers whose activations fit keep them,
+    the rest are checkpointed (selective checkpointing; none when everything fits). Planned for a
+    worst-case micro-batch (every row at max_length). GPUs and an explicit `gradient_checkpointing` keep
+    the recipe's choice."""
     t = args.training
     if runtime.cuda_available() or "gradient_checkpointing" in args.explicit or t.gradient_checkpointing:
         return
     tokens = t.per_device_train_batch_size * (t.max_length or 1024) * rows_per_example
-    if runtime.checkpointing_needed(model.config, tokens):
-        t.gradient_checkpointing = True
-        need = runtime.activation_bytes(model.config, tokens) / 2**30
-        log(stage, f"gradient checkpointing on: activations for {tokens} tokens need ~{need:.1f} GiB, over 80% "
-                   "of the available memory (set gradient_checkpointing: false to insist)")
+    budget = runtime.memory_budget(args.run.memory_budget_gb)
+    keep = runtime.layers_without_checkpointing(model.config, tokens, budget)
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers = getattr(cfg, "num_hidden_layers", 0) or 0
+    if keep >= layers:
+        return
+    # transformers 5 reads `activation_checkpointing`; `gradient_checkpointing` is an alias resolved at __init__ only
+    t.activation_checkpointing = t.gradient_checkpointing = True
+    args.__dict__["uncheckpointed_layers"] = keep
+    need = runtime.activation_bytes(model.config, tokens) / 2**30
+    log(stage, f"gradient checkpointing on {layers - keep} of {layers} layers: activations for {tokens} tokens "
+               f"would take ~{need:.1f} GiB, the memory budget is {budget / 2**30:.1f} GiB "
+               "(memory_budget_gb; gradient_checkpointing: false turns it off)")
 
 
 def fast_path_flags(args: ParsedArgs) -> dict:
