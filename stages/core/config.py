@@ -129,7 +129,7 @@ class RunArguments:
     license: str | None = field(default=None, metadata={"help": "License for the model card (e.g. apache-2.0)."})
     compact_lm_head: bool = field(default=True, metadata={"help": "CPU fast path: score only labelled positions in TRL's SFT/DPO LM head (false: TRL's own)."})
     bf16_frozen_weights: bool = field(default=True, metadata={"help": "CPU fast path: keep frozen base weights in bf16 under bf16 autocast (false: fp32)."})
-    memory_budget_gb: float | None = field(default=None, metadata={"help": "CPU: GiB the activations kept for backward may take; layers beyond it are checkpointed (default: a quarter of the available memory, at most 2)."})
+    memory_budget_gb: float | None = field(default=None, metadata={"help": "CPU: GiB the activations kept for backward may take; layers beyond it are checkpointed (default: a quarter of the available memory, at most 1)."})
     group_by_length: bool = field(default=True, metadata={"help": "Batch rows of similar length together (less padding; TRL's train_sampling_strategy=group_by_length). SFT only."})
 
     def __post_init__(self):

@@ -92,12 +92,12 @@ def available_memory() -> int | None:
     return None
 
 
-DEFAULT_BUDGET_SHARE, DEFAULT_BUDGET_CAP = 0.25, 2 * 2**30
+DEFAULT_BUDGET_SHARE, DEFAULT_BUDGET_CAP = 0.25, 2**30
 
 
 def memory_budget(requested_gb: float | None, available: int | None = None) -> int:
     """Bytes the activations kept for backward may take: the recipe's `memory_budget_gb`, else a quarter of
-    the available memory, at most 2 GiB. A fixed, modest default keeps a stage's footprint near its peers'
+    the available memory, at most 1 GiB. A fixed, modest default keeps a stage's footprint near its peers'
     (TRL and LLaMA-Factory checkpoint every layer) instead of growing into whatever RAM is free."""
     if requested_gb is not None:
         return int(requested_gb * 2**30)

@@ -139,10 +139,10 @@ def encode_split(fn, data, split: str, tokenizer, args: ParsedArgs, stage: str, 
 
 
 def checkpointing_for_memory(args: ParsedArgs, model, stage: str, *, rows_per_example: int = 1) -> None:
-    """On CPU, plan activation memory against `memory_budget_gb`: layers whose activations fit keep them,
-    the rest are checkpointed (selective checkpointing; none when everything fits). Planned for a
-    worst-case micro-batch (every row at max_length). GPUs and an explicit `gradient_checkpointing` keep
-    the recipe's choice."""
+    """On CPU, plan activation memory against `memory_budget_gb`: when a worst-case micro-batch (every row
+    at max_length) would not fit, checkpointing goes on, and each training batch then checkpoints only as
+    many layers as its own tokens need (stages/core/memory.py). GPUs and an explicit
+    `gradient_checkpointing` keep the recipe's choice."""
     t = args.training
     if runtime.cuda_available() or "gradient_checkpointing" in args.explicit or t.gradient_checkpointing:
         return
@@ -155,11 +155,11 @@ def checkpointing_for_memory(args: ParsedArgs, model, stage: str, *, rows_per_ex
         return
     # transformers 5 reads `activation_checkpointing`; `gradient_checkpointing` is an alias resolved at __init__ only
     t.activation_checkpointing = t.gradient_checkpointing = True
-    args.__dict__["uncheckpointed_layers"] = keep
+    args.__dict__["activation_plan"] = (budget, runtime.activation_bytes(model.config, 1) / max(layers, 1))
     need = runtime.activation_bytes(model.config, tokens) / 2**30
-    log(stage, f"gradient checkpointing on {layers - keep} of {layers} layers: activations for {tokens} tokens "
-               f"would take ~{need:.1f} GiB, the memory budget is {budget / 2**30:.1f} GiB "
-               "(memory_budget_gb; gradient_checkpointing: false turns it off)")
+    log(stage, f"selective checkpointing: a worst-case batch ({tokens} tokens, ~{need:.1f} GiB of activations) "
+               f"checkpoints {layers - keep} of {layers} layers, shorter batches fewer, to stay within the "
+               f"{budget / 2**30:.1f} GiB memory budget (memory_budget_gb; gradient_checkpointing: false turns it off)")
 
 
 def fast_path_flags(args: ParsedArgs) -> dict:
