@@ -57,6 +57,9 @@ def train(run):
     args, data = run.args, run.data
     policy = build_policy(args.model, args.policy, args.training)
     args.training.padding_free = padding_free_default(args, policy.method)  # derived: not in the fingerprint
+    t = args.training
+    if args.run.group_by_length and not (t.padding_free or t.packing) and "train_sampling_strategy" not in args.explicit:
+        t.train_sampling_strategy = "group_by_length"  # padded batches of similar lengths: ~40% less padding
     S.checkpointing_for_memory(args, policy.model, STAGE)
 
     max_len, d = args.training.max_length, args.data

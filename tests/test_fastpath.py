@@ -163,3 +163,29 @@ def test_trl_patched_forward_internals(tiny_llama):
                                                    "cast_lm_head_to_fp32": False}
     own = inspect.signature(model.forward.__func__, follow_wrapped=False).parameters
     assert list(own)[:1] == ["self"] and {"fused_lm_head", "labels", "shift_labels", "num_items_in_batch"} <= set(own)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_chunked_head_equals_full_logits_in_values_and_gradients_of_hidden_and_head(bf16):
+    """Tiles of 3 positions (so several tiles and a ragged last one) give what one [tokens x vocab] pass
+    gives, including the gradient of a trainable (e.g. full fine-tuning or tied) head weight."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    target = torch.randint(0, 50, (10,), generator=g)
+    upstream = torch.rand(10, generator=g)  # a per-token weighting, as DPO's sums give
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        picked, extra = fastpath.chunked_log_probs(hidden, weight, target, chunk=3)
+    (picked * upstream).sum().backward()
+    got = (picked.detach(), hidden.grad.clone(), weight.grad.clone())
+    hidden.grad = weight.grad = None
+    cast = (lambda x: x.bfloat16().float()) if bf16 else (lambda x: x)  # noqa: E731
+    logp = (cast(hidden) @ cast(weight).T).log_softmax(-1)
+    want_picked = logp.gather(-1, target[:, None]).squeeze(-1)
+    (want_picked * upstream).sum().backward()
+    tol = dict(atol=2e-2, rtol=2e-2) if bf16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[0], want_picked.detach(), **tol)
+    torch.testing.assert_close(got[1], hidden.grad, **tol)
+    torch.testing.assert_close(got[2], weight.grad, **tol)
+    torch.testing.assert_close(extra["entropy"], -(logp.exp() * logp).sum(-1).detach(), **tol)
+    assert torch.equal(extra["is_top1"], logp.argmax(-1) == target) or bf16

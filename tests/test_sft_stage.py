@@ -192,7 +192,7 @@ def test_padding_free_follows_the_hardware_unless_the_recipe_sets_it(trained, ti
     assert m["config"]["training"]["padding_free"] is True and m["status"] == "complete"
 
 
-def test_checkpointing_goes_back_on_only_when_activations_would_not_fit(tiny_llama, tmp_path, monkeypatch):
+def test_checkpointing_goes_back_on_only_when_activations_exceed_the_memory_budget(tiny_llama, tmp_path, monkeypatch):
     from types import SimpleNamespace as NS
 
     from stages.core import runtime
@@ -200,13 +200,15 @@ def test_checkpointing_goes_back_on_only_when_activations_would_not_fit(tiny_lla
     cfg = NS(hidden_size=576, intermediate_size=1536, num_hidden_layers=30)  # SmolLM2-135M's shape
     need = runtime.activation_bytes(cfg, 8 * 256)
     assert 4e9 < need < 6e9  # measured ~87 KB per token and layer: ~5.3 GB for 2048 tokens
-    assert runtime.checkpointing_needed(cfg, 8 * 256, available=4 * 2**30)
-    assert not runtime.checkpointing_needed(cfg, 8 * 256, available=24 * 2**30)
+    assert runtime.layers_without_checkpointing(cfg, 8 * 256, runtime.memory_budget(None, available=4 * 2**30)) < 30
+    assert runtime.layers_without_checkpointing(cfg, 8 * 256, runtime.memory_budget(8.0)) == 30
     if runtime.cuda_available():
         return
     monkeypatch.setattr(runtime, "available_memory", lambda: 1024)  # a machine with no memory to spare
     run_sft(tiny_llama, tmp_path / "tight", "--max_steps", "1")
-    assert manifest(tmp_path / "tight")["config"]["training"]["gradient_checkpointing"] is True
+    tight = manifest(tmp_path / "tight")
+    assert tight["config"]["training"]["activation_checkpointing"] is True  # what transformers 5 reads
+    assert tight["derived"]["gradient_checkpointing"] is True
     run_sft(tiny_llama, tmp_path / "insist", "--max_steps", "1", "--gradient_checkpointing", "false")
     assert manifest(tmp_path / "insist")["config"]["training"]["gradient_checkpointing"] is False
     monkeypatch.undo()

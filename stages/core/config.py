@@ -137,10 +137,14 @@ class RunArguments:
     verbose: bool = field(default=False, metadata={"help": "Show every third-party warning, the known-harmless ones too (stages/core/noise.py)."})
     compact_lm_head: bool = field(default=True, metadata={"help": "CPU fast path: score only labelled positions in TRL's SFT/DPO LM head (false: TRL's own)."})
     bf16_frozen_weights: bool = field(default=True, metadata={"help": "CPU fast path: keep frozen base weights in bf16 under bf16 autocast (false: fp32)."})
+    memory_budget_gb: float | None = field(default=None, metadata={"help": "CPU: GiB the activations kept for backward may take; layers beyond it are checkpointed (default: a quarter of the available memory, at most 1)."})
+    group_by_length: bool = field(default=True, metadata={"help": "Batch rows of similar length together (less padding; TRL's train_sampling_strategy=group_by_length). SFT only."})
 
     def __post_init__(self):
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"precision: must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        if self.memory_budget_gb is not None and self.memory_budget_gb <= 0:
+            raise ConfigError("memory_budget_gb: must be a positive number of GiB")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError("num_threads: must be at least 1")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 0:

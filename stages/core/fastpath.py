@@ -29,7 +29,8 @@ def _supported(model) -> bool:
     return (text is cfg and getattr(text, "final_logit_softcapping", None) is None
             and getattr(text, "logit_scale", None) in (None, 1.0) and getattr(text, "output_multiplier", None) is None
             and getattr(text, "logits_scaling", None) is None and getattr(text, "lm_head_multiplier", None) is None
-            and not getattr(text, "output_router_logits", False))
+            and not getattr(text, "output_router_logits", False)
+            and getattr(model.get_output_embeddings(), "bias", None) is None)
 
 
 # What the compact path computes; a request for any other FusedCausalLMOutput field goes to TRL.
@@ -87,13 +88,8 @@ def compact_lm_head(model) -> bool:
         labels = labels[:, 1:]
         mask = labels != -100
         target = labels[mask]
-        logits = self.get_output_embeddings()(hidden[mask]).float()
-        logp = logits.log_softmax(-1)
-        picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        with torch.no_grad():
-            extra = {"entropy": lambda: -(logp.exp() * logp).sum(-1), "is_top1": lambda: logits.argmax(-1) == target,
-                     "mean_logits": lambda: logits.mean(-1)}
-            extra = {k: f() if k in wanted else None for k, f in extra.items()}  # unrequested: None, as TRL
+        head = self.get_output_embeddings()
+        picked, extra = chunked_log_probs(hidden[mask], head.weight, target, wanted)
 
         def full(x):
             return None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
@@ -106,6 +102,75 @@ def compact_lm_head(model) -> bool:
     model.forward = types.MethodType(forward, model)
     model._rlhf_compact_lm_head = True
     return True
+
+
+HEAD_CHUNK_TOKENS = 512  # [chunk x vocab] fp32 tiles: 100 MB for a 49k vocabulary
+
+
+def chunked_log_probs(hidden, weight, target, wanted=COMPUTED, chunk: int | None = None):
+    """log p(target) per labelled position, plus the logging-only fields in `wanted` (entropy, is_top1,
+    mean_logits; None when not wanted), without ever holding a `[tokens x vocab]` tensor: the LM head runs
+    over `chunk` positions at a time and its backward recomputes each tile (one extra head matmul) instead of
+    saving the tiles. Under bf16 autocast the matmul runs in bf16, as nn.Linear's would; the softmax is fp32."""
+    flags = tuple(k in wanted for k in _EXTRA)
+    picked, *extra = _ChunkedLogProbs.apply(hidden, weight, target, chunk or HEAD_CHUNK_TOKENS, flags)
+    return picked, {k: v if flag else None for k, v, flag in zip(_EXTRA, extra, flags)}
+
+
+_EXTRA = ("entropy", "is_top1", "mean_logits")
+
+
+def _autocast_dtype():
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+
+
+def _tile(hidden, weight, dtype):
+    dtype = dtype or hidden.dtype
+    with torch.autocast("cpu", enabled=False):
+        return (hidden.to(dtype) @ weight.to(dtype).T).float()
+
+
+class _ChunkedLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, chunk, flags):
+        dtype = _autocast_dtype()
+        out = {k: [] for k in ("picked", *_EXTRA)}
+        for start in range(0, hidden.shape[0], chunk):
+            logits, t = _tile(hidden[start:start + chunk], weight, dtype), target[start:start + chunk]
+            logp = logits.log_softmax(-1)
+            out["picked"].append(logp.gather(-1, t[:, None]).squeeze(-1))
+            if flags[0]:
+                out["entropy"].append(-(logp.exp() * logp).sum(-1))
+            if flags[1]:
+                out["is_top1"].append(logits.argmax(-1) == t)
+            if flags[2]:
+                out["mean_logits"].append(logits.mean(-1))
+            del logits, logp
+        ctx.save_for_backward(hidden, weight, target)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        empty = {"is_top1": hidden.new_zeros(0, dtype=torch.bool)}
+        results = [torch.cat(v) if v else empty.get(k, hidden.new_zeros(0, dtype=torch.float32)) for k, v in out.items()]
+        ctx.mark_non_differentiable(*results[1:])
+        return tuple(results)
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        hidden, weight, target = ctx.saved_tensors
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        mm = ctx.dtype or hidden.dtype
+        with torch.autocast("cpu", enabled=False):
+            for start in range(0, hidden.shape[0], ctx.chunk):
+                h, t = hidden[start:start + ctx.chunk], target[start:start + ctx.chunk]
+                # d log p(t) / d logits = onehot(t) - softmax(logits), scaled by the incoming gradient
+                g = -_tile(h, weight, ctx.dtype).softmax(-1)
+                g[torch.arange(len(t)), t] += 1
+                g = (g * grad[start:start + ctx.chunk, None]).to(mm)
+                if grad_hidden is not None:
+                    grad_hidden[start:start + ctx.chunk] = (g @ weight.to(mm)).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight += (g.T @ h.to(mm)).float()
+        return grad_hidden, (grad_weight.to(weight.dtype) if grad_weight is not None else None), None, None, None
 
 
 @contextlib.contextmanager

@@ -20,8 +20,8 @@ from . import artifacts
 
 # never part of a fingerprint: where things are written, how they are shown, what the machine decided
 VOLATILE = {"output_dir", "logging_dir", "resume_from_checkpoint", "report_to", "disable_tqdm", "force",
-            "keep_checkpoints", "num_threads", "logging_steps", "logging_first_step", "push_to_hub", "hub_token",
-            "hub_model_id", "dataloader_num_workers", "save_total_limit", "run_name", "use_cpu", "verbose"}
+            "keep_checkpoints", "num_threads", "memory_budget_gb", "logging_steps", "logging_first_step", "push_to_hub",
+            "hub_token", "hub_model_id", "dataloader_num_workers", "save_total_limit", "run_name", "use_cpu", "verbose"}
 # paths whose content (not their name) is what counts: replaced by a content key
 MODEL_KEYS = ("model_name_or_path", "reward_model")
 CONTENT_KEYS = ("chat_template",)

@@ -194,6 +194,11 @@ class StageRun:
                         artifacts.write_json(ckpt / CHECKPOINT_FINGERPRINT, {"fingerprint": run.fingerprint})
 
         cbs = [RecordFingerprint(), self.progress()]
+        plan = self.args.__dict__.get("activation_plan")
+        if plan:
+            from .memory import SelectiveCheckpointing
+
+            cbs.append(SelectiveCheckpointing(*plan))
         if self.args.run.early_stopping_patience:
             cbs.append(EarlyStoppingCallback(self.args.run.early_stopping_patience, self.args.run.early_stopping_threshold))
         return cbs

@@ -92,11 +92,26 @@ def available_memory() -> int | None:
     return None
 
 
-def checkpointing_needed(model_config, tokens: int, available: int | None = None, share: float = 0.8) -> bool:
-    """On CPU, checkpointing is off by default; turn it back on when the activations would not fit in
-    `share` of the available memory (a worst case: every row at max_length)."""
+DEFAULT_BUDGET_SHARE, DEFAULT_BUDGET_CAP = 0.25, 2**30
+
+
+def memory_budget(requested_gb: float | None, available: int | None = None) -> int:
+    """Bytes the activations kept for backward may take: the recipe's `memory_budget_gb`, else a quarter of
+    the available memory, at most 1 GiB. A fixed, modest default keeps a stage's footprint near its peers'
+    (TRL and LLaMA-Factory checkpoint every layer) instead of growing into whatever RAM is free."""
+    if requested_gb is not None:
+        return int(requested_gb * 2**30)
     available = available_memory() if available is None else available
-    return bool(available) and activation_bytes(model_config, tokens) > share * available
+    return int(min(DEFAULT_BUDGET_CAP, DEFAULT_BUDGET_SHARE * available) if available else DEFAULT_BUDGET_CAP)
+
+
+def layers_without_checkpointing(model_config, tokens: int, budget: int) -> int:
+    """How many decoder layers may keep their activations for a micro-batch of `tokens` tokens within
+    `budget` bytes (the rest are checkpointed: only their inputs are kept and they are recomputed)."""
+    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    layers = getattr(cfg, "num_hidden_layers", 0) or 0
+    per_layer = activation_bytes(model_config, tokens) / max(layers, 1)
+    return layers if per_layer <= 0 else max(0, min(layers, int(budget // per_layer)))
 
 
 def configure_threads(num_threads: int | None = None) -> int:
@@ -124,7 +139,7 @@ def is_main_process() -> bool:
 
 def derived_choices(training_args) -> dict:
     """What the stage decided from the machine: recorded in the manifest, never part of the fingerprint."""
-    keys = ("bf16", "fp16", "use_cpu", "gradient_checkpointing", "padding_free", "precompute_ref_log_probs",
+    keys = ("bf16", "fp16", "use_cpu", "gradient_checkpointing", "padding_free", "precompute_ref_log_probs", "train_sampling_strategy",
             "attn_implementation")
     out = {k: getattr(training_args, k) for k in keys if hasattr(training_args, k)}
     out.update(device="cuda" if cuda_available() else "cpu", threads=torch.get_num_threads(),

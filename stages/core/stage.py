@@ -140,16 +140,27 @@ def encode_split(fn, data, split: str, tokenizer, args: ParsedArgs, stage: str, 
 
 
 def checkpointing_for_memory(args: ParsedArgs, model, stage: str, *, rows_per_example: int = 1) -> None:
-    """CPU runs train without gradient checkpointing when memory allows; otherwise it goes back on."""
+    """On CPU, plan activation memory against `memory_budget_gb`: when a worst-case micro-batch (every row
+    at max_length) would not fit, checkpointing goes on, and each training batch then checkpoints only as
+    many layers as its own tokens need (stages/core/memory.py). GPUs and an explicit
+    `gradient_checkpointing` keep the recipe's choice."""
     t = args.training
     if runtime.cuda_available() or "gradient_checkpointing" in args.explicit or t.gradient_checkpointing:
         return
     tokens = t.per_device_train_batch_size * (t.max_length or 1024) * rows_per_example
-    if runtime.checkpointing_needed(model.config, tokens):
-        t.gradient_checkpointing = True
-        need = runtime.activation_bytes(model.config, tokens) / 2**30
-        log(stage, f"gradient checkpointing on: activations for {tokens} tokens need ~{need:.1f} GiB, over 80% "
-                   "of the available memory (set gradient_checkpointing: false to insist)")
+    budget = runtime.memory_budget(args.run.memory_budget_gb)
+    keep = runtime.layers_without_checkpointing(model.config, tokens, budget)
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers = getattr(cfg, "num_hidden_layers", 0) or 0
+    if keep >= layers:
+        return
+    # transformers 5 reads `activation_checkpointing`; `gradient_checkpointing` is an alias resolved at __init__ only
+    t.activation_checkpointing = t.gradient_checkpointing = True
+    args.__dict__["activation_plan"] = (budget, runtime.activation_bytes(model.config, 1) / max(layers, 1))
+    need = runtime.activation_bytes(model.config, tokens) / 2**30
+    log(stage, f"selective checkpointing: a worst-case batch ({tokens} tokens, ~{need:.1f} GiB of activations) "
+               f"checkpoints {layers - keep} of {layers} layers, shorter batches fewer, to stay within the "
+               f"{budget / 2**30:.1f} GiB memory budget (memory_budget_gb; gradient_checkpointing: false turns it off)")
 
 
 def fast_path_flags(args: ParsedArgs) -> dict:

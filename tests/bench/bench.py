@@ -21,11 +21,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from workers import ROOT, WARMUP, worker_main  # this folder is on sys.path when run as a script
+from workers import ROOT, SFT_VARIANTS, WARMUP, worker_main  # this folder is on sys.path when run as a script
 
-RUNS = ["matmul", "sft", "sft-trl", "dpo", "dpo-gc", "dpo-trl", "ppo-onebase", "ppo-full", "full-512"]
+DEMO_RUNS = ["sft", "sft-trl", "dpo", "dpo-gc", "dpo-trl", "ppo-onebase", "ppo-full", "full-512"]
+REAL_RUNS = [*SFT_VARIANTS, "sft-real-trl", "rm-real", "rm-real-trl", "dpo-real", "dpo-real-trl"]
+RUNS = ["matmul", *DEMO_RUNS, *REAL_RUNS]
 PAIRS = {  # ours vs the baseline it is compared with
     "sft": "sft-trl", "dpo": "dpo-trl", "dpo-gc": "dpo-trl", "ppo-onebase": "ppo-full",
+    "sft-real": "sft-real-trl", "rm-real": "rm-real-trl", "dpo-real": "dpo-real-trl",
+    **{name: "sft-real" for name in SFT_VARIANTS if name != "sft-real"},  # each default off vs all on
 }
 TARGETS = [  # (what, run, baseline, metric, op, bound)
     ("SFT tokens/s vs plain TRL", "sft", "sft-trl", "tokens_per_s", ">=", 1.5),
@@ -34,6 +38,12 @@ TARGETS = [  # (what, run, baseline, metric, op, bound)
     ("DPO, gradient checkpointing on: step time vs TRL", "dpo-gc", "dpo-trl", "step_s", "<=", 0.7),
     ("DPO, gradient checkpointing on: peak RSS vs TRL", "dpo-gc", "dpo-trl", "peak_rss_gb", "<=", 0.6),
     ("full fine-tuning MFU at length 512 (of bf16 peak)", "full-512", None, "mfu", ">=", 0.40),
+    ("real-length SFT tokens/s vs plain TRL", "sft-real", "sft-real-trl", "tokens_per_s", ">=", 2.0),
+    ("real-length SFT peak RSS vs plain TRL", "sft-real", "sft-real-trl", "peak_rss_gb", "<=", 0.7),
+    ("real-length RM peak RSS vs TRL (same pre-truncated pairs)", "rm-real", "rm-real-trl", "peak_rss_gb", "<=", 0.7),
+    ("real-length RM step time vs TRL", "rm-real", "rm-real-trl", "step_s", "<=", 0.8),
+    ("real-length DPO peak RSS vs TRL + separate reference", "dpo-real", "dpo-real-trl", "peak_rss_gb", "<=", 0.7),
+    ("real-length DPO step time vs TRL + separate reference", "dpo-real", "dpo-real-trl", "step_s", "<=", 0.8),
 ]
 
 
@@ -83,13 +93,24 @@ def check_targets(results: dict) -> list[dict]:
     return out
 
 
+def workload_lengths(model: str) -> dict:
+    """Token lengths of the real-length rows under the model's chat template (quoted with the figures)."""
+    from transformers import AutoTokenizer
+
+    from stages.core.models import resolve_model
+    from workload import instruction_rows, preference_rows, lengths
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    return {"sft": lengths(instruction_rows(), tokenizer), "pairs": lengths(preference_rows(), tokenizer)}
+
+
 def table(results: dict, targets: list[dict]) -> str:
     lines = []
     mm = results.get("matmul")
     if mm:
         lines.append(f"matmul peak ({mm['threads']} threads): fp32 {mm['fp32_flops'] / 1e9:,.0f} GFLOP/s, "
                      f"bf16 {mm['bf16_flops'] / 1e9:,.0f} GFLOP/s")
-    head = f"{'run':<12} {'step s':>8} {'tokens/s':>9} {'peak RSS GB':>12} {'MFU':>6}  vs baseline"
+    head = f"{'run':<26} {'step s':>8} {'tokens/s':>9} {'peak RSS GB':>12} {'MFU':>6}  vs baseline"
     lines += [head, "-" * len(head)]
     for name, r in results.items():
         if name == "matmul":
@@ -101,7 +122,7 @@ def table(results: dict, targets: list[dict]) -> str:
             rel = (f"{base}: tokens/s x{r['tokens_per_s'] / b['tokens_per_s']:.2f}, step x{r['step_s'] / b['step_s']:.2f}, "
                    f"RSS x{r['peak_rss_gb'] / b['peak_rss_gb']:.2f}")
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
-        lines.append(f"{name:<12} {r['step_s']:>8.2f} {r['tokens_per_s']:>9.1f} {r['peak_rss_gb']:>12.2f} {mfu:>6}  {rel}")
+        lines.append(f"{name:<26} {r['step_s']:>8.2f} {r['tokens_per_s']:>9.1f} {r['peak_rss_gb']:>12.2f} {mfu:>6}  {rel}")
     if targets:
         lines.append("")
         for t in targets:
@@ -115,14 +136,17 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10, help=f"optimiser steps per training run (first {WARMUP} not timed)")
     ap.add_argument("--ppo-steps", type=int, default=3, help="PPO updates per mode (the first is not timed)")
     ap.add_argument("--full-batch", type=int, default=4, help="batch of 512-token sequences for the full fine-tuning run")
-    ap.add_argument("--only", default=",".join(RUNS), help=f"comma-separated subset of: {', '.join(RUNS)}")
+    ap.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(RUNS)}")
+    ap.add_argument("--workload", choices=("demo", "real", "both"), default="both",
+                    help="demo rows (~80 tokens), real-length rows (tests/bench/workload.py: median ~180, p90 ~450), or both")
     ap.add_argument("--out", default="runs/bench/bench.json", help="where the JSON report goes")
     ap.add_argument("--worker", nargs=3, metavar=("NAME", "SPEC", "RESULT"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         worker_main(*a.worker)
         return 0
-    only = [s.strip() for s in a.only.split(",") if s.strip()]
+    default = ["matmul", *(DEMO_RUNS if a.workload != "real" else []), *(REAL_RUNS if a.workload != "demo" else [])]
+    only = [s.strip() for s in a.only.split(",") if s.strip()] if a.only else default
     unknown = sorted(set(only) - set(RUNS))
     if unknown:
         ap.error(f"--only: unknown run(s) {', '.join(unknown)}; choose from {', '.join(RUNS)}")
@@ -146,13 +170,18 @@ def main(argv=None) -> int:
     targets = check_targets(results)
     import torch
 
-    report = {"model": a.model, "steps": a.steps, "warmup_steps": WARMUP, "torch": torch.__version__,
+    report = {"model": a.model, "steps": a.steps, "workload_lengths": workload_lengths(a.model) if any(
+                  "real" in n for n in results) else None, "warmup_steps": WARMUP, "torch": torch.__version__,
               "cuda": torch.cuda.is_available(), "cpu_count": os.cpu_count(), "total_s": time.perf_counter() - t0,
               "command": "python tests/bench/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "results": results, "targets": targets}
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2))
     tmp.replace(out)
+    if report["workload_lengths"]:
+        for kind, summary in report["workload_lengths"].items():
+            print(f"real-length {kind} rows (tokens): median {summary['median']}, p90 {summary['p90']}, max {summary['max']}, "
+                  f"{100 * summary['over_512']:.0f}% over 512, {100 * summary['over_384']:.0f}% over 384")
     print(table(results, targets))
     print(f"\n(JSON: {out})")
     return 0

@@ -1,0 +1,102 @@
+"""Activation memory planned against `memory_budget_gb`: selective checkpointing, exact gradients."""
+import types
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from stages.core import runtime
+from stages.core.memory import SelectiveCheckpointing, decoder_layers, keep_activations
+
+
+def smollm2_shape():
+    return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                       num_key_value_heads=3, vocab_size=49152)
+
+
+def test_budget_keeps_as_many_layers_as_fit_hand_computed():
+    # 40 bytes x (576 + 1536) x 2,048 tokens = 173,015,040 bytes per layer; 2 GiB holds 12 of them
+    assert runtime.layers_without_checkpointing(smollm2_shape(), 4 * 512, 2 * 2**30) == 12
+    # 1,024 tokens halve the per-layer cost: 24 layers; 64 GiB holds all 30; 0.1 GiB none
+    assert runtime.layers_without_checkpointing(smollm2_shape(), 2 * 512, 2 * 2**30) == 24
+    assert runtime.layers_without_checkpointing(smollm2_shape(), 2048, 64 * 2**30) == 30
+    assert runtime.layers_without_checkpointing(smollm2_shape(), 2048, int(0.1 * 2**30)) == 0
+
+
+def test_default_budget_is_a_quarter_of_available_memory_at_most_one_gib():
+    assert runtime.memory_budget(None, available=2 * 2**30) == 2**29
+    assert runtime.memory_budget(None, available=64 * 2**30) == 2**30
+    assert runtime.memory_budget(3.5) == int(3.5 * 2**30)
+
+
+def _grads(model, ids):
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_selective_checkpointing_recomputes_only_the_chosen_layers_and_keeps_gradients_exact(tiny_llama):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model.train()
+    ids = torch.randint(3, 100, (2, 12))
+    want = _grads(model, ids)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = decoder_layers(model)
+    assert len(layers) >= 2 and all(layer.gradient_checkpointing for layer in layers)
+    keep_activations(layers, 1)
+    assert [layer.gradient_checkpointing for layer in layers] == [True] * (len(layers) - 1) + [False]
+
+    calls = []  # MLP runs per layer: a checkpointed layer runs twice (forward + recompute), a kept one once
+    for i, layer in enumerate(layers):
+        layer.mlp.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))
+    got = _grads(model, ids)
+    assert calls.count(0) == 2 and calls.count(len(layers) - 1) == 1
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=name)
+
+
+def test_each_batch_checkpoints_only_as_many_layers_as_its_tokens_need(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = decoder_layers(model)
+    per_token = 1000.0
+    callback = SelectiveCheckpointing(budget=int(per_token * 40), bytes_per_token_and_layer=per_token)
+    callback.on_train_begin(types.SimpleNamespace(gradient_checkpointing=True), None, None, model=model)
+    model(input_ids=torch.randint(3, 100, (2, 4)))  # 8 tokens: every layer's activations fit (5 layers' worth)
+    assert [layer.gradient_checkpointing for layer in layers] == [False] * len(layers)
+    model(input_ids=torch.randint(3, 100, (2, 20)))  # 40 tokens: one layer fits, the others are checkpointed
+    assert [layer.gradient_checkpointing for layer in layers] == [True] * (len(layers) - 1) + [False]
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 100, (2, 200)))  # no backward: no plan
+    assert callback.kept == [len(layers), 1]
+
+
+def test_sft_stage_checkpoints_only_layers_over_budget(tiny_llama, tmp_path, monkeypatch):
+    """A budget that holds one layer's activations of a worst-case batch: the rest are checkpointed."""
+    import json
+
+    from stages import sft
+    from stages.core import memory
+
+    made = []
+    original = memory.SelectiveCheckpointing.__init__
+
+    def spy(self, *a, **kw):
+        original(self, *a, **kw)
+        made.append(self)
+
+    monkeypatch.setattr(memory.SelectiveCheckpointing, "__init__", spy)
+    cfg = AutoModelForCausalLM.from_pretrained(tiny_llama).config
+    one_layer = runtime.activation_bytes(cfg, 2 * 64) / cfg.num_hidden_layers
+    out = sft.main(["--model_name_or_path", str(tiny_llama), "--datasets", "demo:sft", "--max_train_rows", "8",
+                    "--eval_datasets", "[]", "--validation_fraction", "0", "--max_length", "64",
+                    "--per_device_train_batch_size", "2", "--max_steps", "1", "--save_strategy", "no",
+                    "--report_to", "none", "--output_dir", str(tmp_path / "out"), "--compare_with_base", "false",
+                    "--memory_budget_gb", str(1.5 * one_layer / 2**30), "--peft_method", "lora"])
+    assert len(made) == 1 and made[0].kept  # the plan ran on the training forward
+    tokens = 2 * 64  # the demo rows exceed 64 tokens, so the batch is 2 x 64
+    assert made[0].kept == [memory.layers_to_keep(made[0].budget, made[0].per_token, tokens, cfg.num_hidden_layers)] == [1]
+    derived = json.loads((out / "manifest.json").read_text())["derived"]
+    assert derived["gradient_checkpointing"] is True and derived["train_sampling_strategy"] == "group_by_length"
