@@ -40,7 +40,7 @@ def test_selective_checkpointing_recomputes_only_the_chosen_layers_and_keeps_gra
     model.train()
     ids = torch.randint(3, 100, (2, 12))
     want = _grads(model, ids)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     layers = decoder_layers(model)
     assert len(layers) >= 2 and all(layer.gradient_checkpointing for layer in layers)
     keep_activations(layers, 1)
@@ -59,7 +59,7 @@ def test_selective_checkpointing_recomputes_only_the_chosen_layers_and_keeps_gra
 def test_each_batch_checkpoints_only_as_many_layers_as_its_tokens_need(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     model.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     layers = decoder_layers(model)
     per_token = 1000.0
     callback = SelectiveCheckpointing(budget=int(per_token * 40), bytes_per_token_and_layer=per_token)
