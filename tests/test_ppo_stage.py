@@ -193,6 +193,14 @@ def test_ppo_with_a_reward_model_and_a_weighted_rule_runs(tiny_llama, reward_mod
     assert m["metrics"]["start"]["n_prompts"] == 16 and "kl_to_reference" in m["metrics"]["final"]
     history = json.loads((out / "metrics.json").read_text())["log_history"]
     assert history[1]["kl_coef"] != 0.05  # the adaptive controller moved the coefficient
+    for h in history:  # k3 is the KL estimate in the reward (objective/kl_k3 is always logged as k3)
+        assert h["objective/kl"] == pytest.approx(h["objective/kl_k3"], rel=1e-4, abs=1e-7)
+    assert history[1]["objective/kl"] > 0
+    # missing_eos_penalty: the reward (the score PPO optimises, minus the KL term) loses 1.0 per response
+    # without EOS; the random tiny model rarely stops, and its first update starts with KL 0
+    first = history[0]
+    assert first["response/eos_rate"] < 1 and first["objective/kl"] == pytest.approx(0, abs=1e-6)
+    assert first["objective/reward"] == pytest.approx(first["objective/score"] - 1.0 * (1 - first["response/eos_rate"]), abs=1e-5)
 
 
 def test_a_causal_lm_is_refused_as_reward_model(tiny_llama, tmp_path, capsys):
