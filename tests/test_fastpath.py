@@ -163,3 +163,19 @@ def test_trl_patched_forward_internals(tiny_llama):
                                                    "cast_lm_head_to_fp32": False}
     own = inspect.signature(model.forward.__func__, follow_wrapped=False).parameters
     assert list(own)[:1] == ["self"] and {"fused_lm_head", "labels", "shift_labels", "num_items_in_batch"} <= set(own)
+
+
+def test_compact_lm_head_steps_aside_when_rebound_to_another_module(tiny_llama):
+    """PEFT's disable_adapter for prompt tuning sets PeftModel.forward to the base model's forward and
+    accelerate re-binds that function to the PeftModel: the compact path must then hand over to TRL's forward."""
+    import types
+
+    model = _patched(tiny_llama)
+    assert compact_lm_head(model)
+    ids, attn, labels = batch()
+    want = model(input_ids=ids, attention_mask=attn, labels=labels, fused_lm_head=True)
+    holder = torch.nn.Module()  # like a PeftModel: its base_model is the whole causal LM
+    holder.base_model = model
+    rebound = types.MethodType(model.forward.__func__, holder)
+    got = rebound(input_ids=ids, attention_mask=attn, labels=labels, fused_lm_head=True)
+    torch.testing.assert_close(got.log_probs, want.log_probs, atol=1e-5, rtol=1e-4)
