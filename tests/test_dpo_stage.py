@@ -141,3 +141,30 @@ def test_orpo_runs_reference_free(tiny_qwen2, pairs, tmp_path):
     run(orpo, tiny_qwen2, tmp_path / "orpo", *pairs, "--max_steps", "3", config=str(ROOT / "recipes/tiny/orpo.yaml"))
     m = manifest(tmp_path / "orpo")
     assert m["metrics"]["reference"].startswith("none")
+
+
+@pytest.mark.slow
+def test_kto_learns_the_toy_preference_beyond_its_seed_spread(tiny_llama, pairs, tmp_path):
+    """Toy task (tests/synthetic.py): desirable = a polite reply, undesirable = a rude one, built from the
+    pairs (split by prompt). Held-out metric: KTO's implicit-reward margin (desirable minus undesirable) on
+    the 24 held-out prompts, 0 at the start by construction. Measured once over seeds 0-2 (the tiny recipe,
+    2 epochs): 0.716 / 0.821 / 0.828, a seed-to-seed spread of 0.11; the margin must exceed 0.5."""
+    out = tmp_path / "kto"
+    run(kto, tiny_llama, out, *pairs, "--save_strategy", "no", config=str(ROOT / "recipes/tiny/kto.yaml"))
+    metrics = manifest(out)["metrics"]
+    assert metrics["start"]["start_rewards/margins"] == pytest.approx(0, abs=1e-4)
+    assert metrics["final"]["eval_rewards/margins"] > 0.5, metrics["final"]
+
+
+@pytest.mark.slow
+def test_orpo_learns_the_toy_preference_beyond_its_seed_spread(tiny_qwen2, pairs, tmp_path):
+    """Toy task: the polite reply over the rude one (tests/synthetic.py). Held-out metric: ORPO's mean log
+    odds ratio of the chosen over the rejected reply on the 24 held-out pairs. Measured once over seeds 0-2
+    (learning rate 2e-2, 3 epochs): 0.021 / 0.019 / 0.019 -> 0.302 / 0.262 / 0.301, gains 0.243-0.282, a
+    seed-to-seed spread of 0.04; the gain must exceed 0.15."""
+    out = tmp_path / "orpo"
+    run(orpo, tiny_qwen2, out, *pairs, "--learning_rate", "2e-2", "--num_train_epochs", "3", "--save_strategy", "no",
+        config=str(ROOT / "recipes/tiny/orpo.yaml"))
+    metrics = manifest(out)["metrics"]
+    gain = metrics["final"]["eval_log_odds_chosen"] - metrics["start"]["start_log_odds_chosen"]
+    assert gain > 0.15, (metrics["start"], metrics["final"])
