@@ -137,10 +137,16 @@ def test_kto_runs_on_unpaired_data(tiny_llama, tmp_path):
     assert m["stage"] == "kto" and m["data"]["task"] == "unpaired"
 
 
-def test_orpo_runs_reference_free(tiny_qwen2, pairs, tmp_path):
-    run(orpo, tiny_qwen2, tmp_path / "orpo", *pairs, "--max_steps", "3", config=str(ROOT / "recipes/tiny/orpo.yaml"))
-    m = manifest(tmp_path / "orpo")
-    assert m["metrics"]["reference"].startswith("none")
+def test_orpo_runs_reference_free(tiny_qwen2, pairs, tmp_path, monkeypatch):
+    """Full fine-tuning, where DPO and KTO build a frozen reference copy: ORPO builds none and trains on its
+    own odds-ratio loss."""
+    from stages.core import policy
+
+    monkeypatch.setattr(policy, "frozen_reference", lambda model: pytest.fail("ORPO built a reference model"))
+    run(orpo, tiny_qwen2, tmp_path / "orpo", *pairs, "--max_steps", "3", "--peft_method", "full",
+        config=str(ROOT / "recipes/tiny/orpo.yaml"))
+    history = json.loads((tmp_path / "orpo" / "metrics.json").read_text())["log_history"]
+    assert any("log_odds_ratio" in h for h in history) and manifest(tmp_path / "orpo")["status"] == "complete"
 
 
 @pytest.mark.slow
