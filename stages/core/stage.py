@@ -68,7 +68,8 @@ def parse_stage(config_cls, argv=None, *, stage: str | None = None) -> ParsedArg
     if stage:
         from .support import check_method
 
-        check_method(stage, args.policy.resolve_method(args.model), args.config_path or "command line")
+        check_method(stage, args.policy.resolve_method(args.model), args.config_path or "command line",
+                     args.model.model_name_or_path)
     if not args.training.output_dir or args.training.output_dir == "trainer_output":
         if "output_dir" not in args.explicit:
             raise ConfigError("output_dir: required (where the stage writes its model and manifest)")

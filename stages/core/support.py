@@ -6,6 +6,8 @@ one step on a tiny model and keeps this table and the README's matrix honest.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from .errors import ConfigError
 
 _PPO_ROLES = ("PPO's one base model switches its policy, value, reward and reference roles by adapter; "
@@ -22,8 +24,23 @@ REFUSED: dict[tuple[str, str], str] = {
 }
 
 
-def check_method(stage: str, method: str, where: str) -> None:
-    """Refuse a combination of stage and peft_method that is known not to train (ConfigError, exit 2)."""
+def check_method(stage: str, method: str, where: str, model_name_or_path: str | None = None) -> None:
+    """Refuse a combination of stage and peft_method that is known not to train (ConfigError, exit 2).
+
+    A starting model that is an earlier stage's prefix, prompt or bottleneck adapter is trained further
+    with its own method (policy.build_policy), so that method is the one checked."""
+    from .policy import MERGEABLE, _method_of, adapter_config
+
+    acfg = adapter_config(model_name_or_path) if model_name_or_path and Path(model_name_or_path).is_dir() else None
+    peft_type = str(acfg.get("peft_type", "")).upper() if acfg else ""
+    if peft_type and peft_type not in MERGEABLE:
+        adapter = _method_of(peft_type)
+        reason = REFUSED.get((stage, adapter))
+        if reason:
+            raise ConfigError(f"{where}: model_name_or_path: {model_name_or_path} holds a {adapter} adapter, which is "
+                              f"trained further with peft_method: {adapter}, and that is not supported by the {stage} "
+                              f"stage: {reason}")
+        return
     reason = REFUSED.get((stage, method))
     if reason:
         raise ConfigError(f"{where}: peft_method: {method} is not supported by the {stage} stage: {reason}")
