@@ -189,3 +189,19 @@ def test_chunked_head_equals_full_logits_in_values_and_gradients_of_hidden_and_h
     torch.testing.assert_close(got[2], weight.grad, **tol)
     torch.testing.assert_close(extra["entropy"], -(logp.exp() * logp).sum(-1).detach(), **tol)
     assert torch.equal(extra["is_top1"], logp.argmax(-1) == target) or bf16
+
+
+def test_compact_lm_head_steps_aside_when_rebound_to_another_module(tiny_llama):
+    """PEFT's disable_adapter for prompt tuning sets PeftModel.forward to the base model's forward and
+    accelerate re-binds that function to the PeftModel: the compact path must then hand over to TRL's forward."""
+    import types
+
+    model = _patched(tiny_llama)
+    assert compact_lm_head(model)
+    ids, attn, labels = batch()
+    want = model(input_ids=ids, attention_mask=attn, labels=labels, fused_lm_head=True)
+    holder = torch.nn.Module()  # like a PeftModel: its base_model is the whole causal LM
+    holder.base_model = model
+    rebound = types.MethodType(model.forward.__func__, holder)
+    got = rebound(input_ids=ids, attention_mask=attn, labels=labels, fused_lm_head=True)
+    torch.testing.assert_close(got.log_probs, want.log_probs, atol=1e-5, rtol=1e-4)

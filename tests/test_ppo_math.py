@@ -112,14 +112,20 @@ def test_model_inputs_count_positions_over_real_tokens_only():
 
 
 def test_log_probs_do_not_depend_on_padding(tiny_llama):
-    """A row's per-token log-probs are the same alone and inside a left/right-padded batch."""
+    """A row's per-token log-probs are the same alone and inside a left/right-padded batch, and the
+    reference log-probs come from the reference model (a different one here), not from the policy."""
+    import copy
+
     from transformers import AutoModelForCausalLM
 
     from stages.core.ppo.roles import ActorCritic, Roles, new_value_head
 
     lm = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    reference = copy.deepcopy(lm)
+    with torch.no_grad():
+        reference.lm_head.weight.mul_(3.0)  # a sharper reference: its log-probs differ from the policy's
     ac = ActorCritic(lm, new_value_head(lm.config.hidden_size), critic=lm.model)
-    roles = Roles(ac, None, lm, "full", "policy")
+    roles = Roles(ac, None, reference, "full", "policy")
     long_q, short_q = [1, 40, 41, 42, 43, 44], [1, 50, 51]
     resp = torch.tensor([[60, 61, 62], [70, 71, 2]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
@@ -130,4 +136,10 @@ def test_log_probs_do_not_depend_on_padding(tiny_llama):
     alone = R.score_tokens(roles, {"query": q1, "query_mask": qm1, "response": resp[1:], "mask": mask[1:]},
                            temperature=0.7, micro_batch=1)
     assert torch.allclose(both["logprobs"][1], alone["logprobs"][0], atol=1e-5)
-    assert torch.allclose(both["ref_logprobs"], both["logprobs"])  # reference == policy before training
+    # the reference log-probs of row 1 by hand: the reference model on the unpadded prompt + response
+    ids = torch.tensor([short_q + resp[1].tolist()])
+    with torch.no_grad():
+        logits = reference(input_ids=ids).logits[0, len(short_q) - 1:-1] / 0.7
+    by_hand = torch.log_softmax(logits, -1).gather(-1, resp[1][:, None]).squeeze(-1)
+    assert torch.allclose(both["ref_logprobs"][1], by_hand, atol=1e-5)
+    assert not torch.allclose(both["ref_logprobs"], both["logprobs"], atol=1e-2)

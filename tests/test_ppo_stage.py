@@ -193,6 +193,14 @@ def test_ppo_with_a_reward_model_and_a_weighted_rule_runs(tiny_llama, reward_mod
     assert m["metrics"]["start"]["n_prompts"] == 16 and "kl_to_reference" in m["metrics"]["final"]
     history = json.loads((out / "metrics.json").read_text())["log_history"]
     assert history[1]["kl_coef"] != 0.05  # the adaptive controller moved the coefficient
+    for h in history:  # k3 is the KL estimate in the reward (objective/kl_k3 is always logged as k3)
+        assert h["objective/kl"] == pytest.approx(h["objective/kl_k3"], rel=1e-4, abs=1e-7)
+    assert history[1]["objective/kl"] > 0
+    # missing_eos_penalty: the reward (the score PPO optimises, minus the KL term) loses 1.0 per response
+    # without EOS; the random tiny model rarely stops, and its first update starts with KL 0
+    first = history[0]
+    assert first["response/eos_rate"] < 1 and first["objective/kl"] == pytest.approx(0, abs=1e-6)
+    assert first["objective/reward"] == pytest.approx(first["objective/score"] - 1.0 * (1 - first["response/eos_rate"]), abs=1e-5)
 
 
 def test_a_causal_lm_is_refused_as_reward_model(tiny_llama, tmp_path, capsys):
@@ -246,3 +254,39 @@ def test_gradient_checkpointing_recomputes_each_role_with_its_own_adapter(tiny_l
     assert any(".policy." in n for n in plain) and any(".value." in n for n in plain)
     for n in plain:
         assert torch.allclose(plain[n], checkpointed[n], atol=1e-6), n
+
+
+def test_modules_to_save_copies_follow_the_role(tiny_llama):
+    """With lora_modules_to_save (a trained lm_head / embedding copy) the reference role runs the SFT
+    model's original modules, not the policy's copies, and the value loss never reaches those copies."""
+    from transformers import AutoModelForCausalLM
+    from trl import ModelConfig
+
+    from stages.core.config import PolicyArguments
+    from stages.core.policy import build_policy
+    from stages.core.ppo.config import PPOConfig
+    from stages.core.ppo.roles import build_roles
+
+    cfg = PPOConfig(output_dir="unused", reward="demo_verifier", use_cpu=True, bf16=False)
+    model_args = ModelConfig(model_name_or_path=str(tiny_llama), lora_r=4, lora_modules_to_save=["lm_head", "embed_tokens"])
+    roles = build_roles(build_policy(model_args, PolicyArguments(peft_method="lora"), cfg), cfg, device="cpu", load_reward=None)
+    ac = roles.actor_critic
+    copies = {n: p for n, p in ac.named_parameters() if ".modules_to_save.policy." in n}
+    assert len(copies) == 2 and all(p.requires_grad for p in copies.values())
+    with torch.no_grad():  # as if PPO had trained the policy's copies
+        for p in copies.values():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    ac.eval()
+    ids = torch.randint(5, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask, pos = torch.ones_like(ids), torch.arange(12).expand(2, 12)
+    sft = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    with torch.no_grad():
+        want = sft(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -6:-1]
+        reference = roles.reference_logits(ids, mask, pos, 5)
+        policy = ac.policy_logits(ids, mask, pos, 5)
+    assert torch.allclose(reference, want, atol=1e-5)
+    assert not torch.allclose(policy, want, atol=1e-2)  # the policy role does use its trained copies
+    ac.train()
+    ac.values(ids, mask, pos, 5).pow(2).sum().backward()
+    assert all(p.grad is None for p in copies.values())  # the value loss trains no policy weight
+    assert any(p.grad is not None for n, p in ac.named_parameters() if ".value." in n)

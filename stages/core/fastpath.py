@@ -78,7 +78,10 @@ def compact_lm_head(model) -> bool:
     @functools.wraps(type(model).forward)  # keep the signature: generate() inspects it (position_ids, logits_to_keep)
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if (not fused_lm_head or shift_labels is not None or labels is None or ids is None
+        # `self is not model`: the function was re-bound to another module (PEFT's disable_adapter for prompt
+        # learning sets PeftModel.forward to this method and accelerate re-binds its __func__ to the PeftModel,
+        # whose base_model is the whole causal LM, not the transformer body): TRL's bound forward is right there
+        if (self is not model or not fused_lm_head or shift_labels is not None or labels is None or ids is None
                 or ids.device.type != "cpu" or kwargs.get("return_dict") is False
                 or any(kwargs.get(f) for f in _STEP_ASIDE_FLAGS)):
             return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,

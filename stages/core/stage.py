@@ -65,6 +65,11 @@ def parse_stage(config_cls, argv=None, *, stage: str | None = None) -> ParsedArg
         args.command = "rlhf " + stage + args.command[len("rlhf-stage"):]
     args.command = scrub_command(args.command)
     validate_values(args)
+    if stage:
+        from .support import check_method
+
+        check_method(stage, args.policy.resolve_method(args.model), args.config_path or "command line",
+                     args.model.model_name_or_path)
     if not args.training.output_dir or args.training.output_dir == "trainer_output":
         if "output_dir" not in args.explicit:
             raise ConfigError("output_dir: required (where the stage writes its model and manifest)")

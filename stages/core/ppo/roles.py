@@ -5,7 +5,10 @@ adapter (+ a small value head), and a "reward" adapter + score head when the rew
 trained on the same base; the reference is the base with adapters disabled, which is the SFT policy
 because a LoRA SFT output is merged on load (stages/core/policy.py). Roles are switched by setting
 the adapter layers' active adapter directly: PEFT's own set_adapter/disable_adapter also flip
-requires_grad, which would corrupt a step that trains two adapters.
+requires_grad, which would corrupt a step that trains two adapters. PEFT's saved-module copies
+(`modules_to_save`, e.g. a trained lm_head; AuxiliaryTrainingWrapper) are switched the same way: the
+"policy" copy for the policy, the original (= SFT) module for the reference, and for a role without a
+copy of its own (value, reward) the original module, so the value loss never trains the policy's copy.
 Full mode: separate models: trainable policy and value model, frozen reference copy, frozen reward model.
 
 `ActorCritic` is the one trained nn.Module (what accelerate wraps for DDP/DeepSpeed): forward returns
@@ -49,8 +52,12 @@ class ActorCritic(nn.Module):
         self.lm, self.value_head, self.critic, self.shared = lm, value_head, critic, shared
         if shared:
             from peft.tuners.tuners_utils import BaseTunerLayer
+            from peft.utils.other import AuxiliaryTrainingWrapper
 
             self._tuners = [m for m in lm.modules() if isinstance(m, BaseTunerLayer)]
+            # modules_to_save / trainable-token copies: a wrapper runs its original module when its adapters
+            # are disabled or the active adapter has no copy there (AuxiliaryTrainingWrapper.forward)
+            self._wrappers = [m for m in lm.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
 
     @property
     def config(self):
@@ -65,6 +72,9 @@ class ActorCritic(nn.Module):
     def _set(self, active, disabled) -> None:
         for t in self._tuners:
             t._active_adapter, t._disable_adapters = active, disabled
+        names = [active] if isinstance(active, str) else list(active)
+        for w in self._wrappers:
+            w._active_adapter, w._disable_adapters = names, disabled
 
     @contextlib.contextmanager
     def use(self, role: str):
