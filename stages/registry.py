@@ -57,6 +57,8 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
               None, "causal_lm", "trl:KTOTrainer", _PREF),
     StageSpec("orpo", "ORPO stage (reference-free)", "trl.experimental.orpo:ORPOConfig", "preference", None,
               "causal_lm", "trl.experimental.orpo:ORPOTrainer", _PREF),
+    StageSpec("cpo", "CPO stage (reference-free; loss_type simpo is SimPO)", "trl.experimental.cpo:CPOConfig",
+              "preference", None, "causal_lm", "trl.experimental.cpo:CPOTrainer", _PREF),
     StageSpec("ppo", "PPO stage (reward model and/or rule rewards; one base, four roles with LoRA)",
               "stages.core.ppo.config:PPOConfig", "prompt", None, "causal_lm", "stages.core.ppo.trainer:PPOTrainer",
               ("mean_reward", "kl_to_reference")),
