@@ -66,6 +66,9 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
               "stages.core.ppo.online:GRPOStageConfig", "prompt", None, "causal_lm", "trl:GRPOTrainer", ("mean_reward",)),
     StageSpec("rloo", "RLOO stage (TRL RLOOTrainer) with reward model and/or rule rewards",
               "stages.core.ppo.online:RLOOStageConfig", "prompt", None, "causal_lm", "trl:RLOOTrainer", ("mean_reward",)),
+    StageSpec("online_dpo", "online DPO stage (TRL OnlineDPOTrainer): sampled pairs ranked by reward model and/or rules",
+              "stages.core.ppo.online_dpo:OnlineDPOStageConfig", "prompt", None, "causal_lm",
+              "trl.experimental.online_dpo:OnlineDPOTrainer", ("mean_reward",)),
     StageSpec("evaluate", "win-rate evaluation stage (as winrate, --out required; used by chains)", None, "prompt",
               None, None, None, ("win_rate", "tie_rate", "lc_win_rate"), kind="evaluation"),
 )}

@@ -1,4 +1,4 @@
-"""GRPO and RLOO through TRL's trainers, fed by the suite's reward plumbing (one flow for both).
+"""GRPO, RLOO and online DPO through TRL's trainers, fed by the suite's reward plumbing (one flow for all three).
 
 Rewards: `reward_model: PATH` (checked head, our truncation rule) and/or `reward: SPEC` rules, each passed to
 TRL as a separate reward function so TRL logs them one by one; their weights become `reward_weights`
@@ -59,7 +59,8 @@ def train(run):
 
     run.prepare()
     policy = build_policy(args.model, args.policy, cfg)
-    if policy.peft_config is None and cfg.beta > 0 and policy.merged_adapter:
+    if name != "online_dpo" and policy.peft_config is None and cfg.beta > 0 and policy.merged_adapter:
+        # (OnlineDPOTrainer copies the model as loaded into its reference: nothing to point)
         point_reference_at_loaded_model(policy, run.out.work / "reference")
     from accelerate import PartialState
 
@@ -81,12 +82,13 @@ def train(run):
 
     combined = _weighted(funcs, cfg.reward_weights)  # the held-out figure weighs rewards as training does
     prompts = [r["prompt"] for r in evals] if evals is not None else []
+    max_new_tokens = getattr(cfg, "max_completion_length", None) or cfg.max_new_tokens  # online DPO: max_new_tokens
 
     def held_out():
         from trl.models.utils import unwrap_model_for_generation  # gathers ZeRO-3 parameters for generation
 
         with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
-            return greedy_reward(model, policy.tokenizer, prompts, combined, max_new_tokens=cfg.max_completion_length,
+            return greedy_reward(model, policy.tokenizer, prompts, combined, max_new_tokens=max_new_tokens,
                                  max_prompt_length=10**6, batch_size=cfg.per_device_eval_batch_size,
                                  device=trainer.accelerator.device, autocast=trainer.accelerator.autocast)
 
