@@ -35,3 +35,15 @@ def test_online_dpo_ranks_sampled_pairs_with_weighted_rules_and_trains_the_adapt
 def test_online_dpo_needs_a_reward(tiny_llama, tmp_path, capsys):
     code = online_dpo.cli(["--config", TINY, "--model_name_or_path", str(tiny_llama), "--output_dir", str(tmp_path / "o")])
     assert code == 2 and "reward_model or reward" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_online_dpo_raises_the_held_out_reward_on_a_learnable_toy_task(tiny_qwen2, tmp_path):
+    """Reward = share of the letter e in the reply: the greedy held-out reward rises from the start
+    (seen: 0.000 -> 0.111 in 24 steps)."""
+    out = tmp_path / "toy"
+    online_dpo.main(["--config", TINY, "--model_name_or_path", str(tiny_qwen2), "--output_dir", str(out),
+                     "--reward", '{"verifier": "test_grpo_stage:share_of_e"}', "--max_steps", "24",
+                     "--learning_rate", "1e-2", "--max_train_rows", "128", "--max_eval_rows", "16"])
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert metrics["final"]["mean_reward"] > metrics["start"]["mean_reward"] + 0.05

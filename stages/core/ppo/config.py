@@ -15,6 +15,7 @@ from transformers import TrainingArguments
 
 from ..config import json_or_value
 from ..errors import ConfigError
+from .engines import EngineFields
 
 VALUE_MODELS = ("auto", "reward", "policy")
 KL_ESTIMATORS = ("k1", "k3")
@@ -36,7 +37,7 @@ class RewardFields:
 
 
 @dataclass
-class PPOConfig(TrainingArguments):
+class PPOConfig(TrainingArguments, EngineFields):
     """PPO (InstructGPT-style RLHF) on top of TrainingArguments (optimiser, precision, saving, logging)."""
 
     # defaults that suit PPO better than TrainingArguments'
@@ -77,6 +78,7 @@ class PPOConfig(TrainingArguments):
     def __post_init__(self):
         self.reward = parse_reward_spec(self.reward)
         super().__post_init__()
+        self.check_engine_fields()  # the rollout engine's keys (TRL's GRPO names): engines.EngineFields
         c = self
         if c.value_model not in VALUE_MODELS:
             raise ConfigError(f"value_model: must be one of {', '.join(VALUE_MODELS)}, got {c.value_model!r}")
