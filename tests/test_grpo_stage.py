@@ -51,3 +51,20 @@ def test_reward_weights_must_match_the_reward_functions(tiny_llama, tmp_path, ca
     code = grpo.cli(["--config", TINY, "--model_name_or_path", str(tiny_llama), "--output_dir", str(tmp_path / "g"),
                      "--reward", RULES, "--reward_weights", "1.0"])
     assert code == 2 and "reward_weights" in capsys.readouterr().err
+
+
+def test_grpo_passes_the_shared_vllm_keys_to_trl_and_says_clearly_when_vllm_is_missing(tiny_llama, tmp_path, capsys):
+    from stages.core.ppo.online import GRPOStageConfig
+    from stages.core.stage import parse_stage
+
+    args = parse_stage(GRPOStageConfig, ["--config", TINY, "--model_name_or_path", str(tiny_llama), "--output_dir",
+                                         str(tmp_path / "g"), "--reward", RULES, "--use_vllm", "true", "--vllm_mode",
+                                         "server", "--vllm_server_timeout", "30", "--loss_type", "dr_grpo"], stage="grpo")
+    t = args.training
+    assert (t.use_vllm, t.vllm_mode, t.vllm_server_timeout, t.loss_type) == (True, "server", 30.0, "dr_grpo")
+    import importlib.util
+
+    assert importlib.util.find_spec("vllm") is None  # the suite's environment has no vLLM (see the README)
+    code = grpo.cli(["--config", TINY, "--model_name_or_path", str(tiny_llama), "--output_dir", str(tmp_path / "g"),
+                     "--reward", RULES, "--use_vllm", "true"])
+    assert code == 2 and "use_vllm: TRL's vLLM generation" in capsys.readouterr().err

@@ -53,6 +53,7 @@ def train(run):
     name, args, data = run.stage, run.args, run.data
     cfg = args.training
     RW._required(cfg)
+    _check_trl_vllm(cfg)
     if "eval_strategy" not in args.explicit:  # our greedy held-out reward replaces TRL's sampled evaluation
         cfg.eval_strategy = "no"
     rm_parent = artifacts.parent_info(cfg.reward_model) if cfg.reward_model else None
@@ -134,3 +135,18 @@ def _weighted(funcs, weights):
 
     parts = [(f.reward, float(w)) for f, w in zip(funcs, weights)]
     return parts[0][0] if len(parts) == 1 and parts[0][1] == 1.0 else CombinedReward(parts)
+
+
+def _check_trl_vllm(cfg) -> None:
+    """use_vllm / vllm_mode (the same keys as PPO's rollout engine) go to TRL unchanged; TRL's vLLM path needs
+    vLLM importable here in both modes (its server client syncs weights over NCCL): say so before any model loads."""
+    if not getattr(cfg, "use_vllm", False):
+        return
+    from trl.import_utils import is_vllm_available
+
+    from ..errors import ConfigError
+
+    if not is_vllm_available():
+        raise ConfigError(f"use_vllm: TRL's vLLM generation (vllm_mode {cfg.vllm_mode}) needs vLLM (TRL 1.16 accepts "
+                          "0.22-0.31) installed in this environment, and a GPU for its weight sync; it is not "
+                          "installed: set use_vllm false")
