@@ -250,14 +250,16 @@ class VLLMColocated(_VLLMEngine):
 
     def __init__(self, base_dir: str, *, support, store, fallback, log, max_lora_rank: int = 16,
                  gpu_memory_utilization: float = 0.3, dtype: str = "auto", seed: int = 0, max_model_len: int | None = None,
-                 llm_factory=None, vllm_module=None):
+                 llm_factory=None, vllm_module=None, **llm_kwargs):
         super().__init__(support, store, fallback, log, seed)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process (colocated)
         self.vllm = vllm_module or _import_vllm()
         kwargs = dict(model=base_dir, tokenizer=base_dir, dtype=dtype, seed=seed, enable_prefix_caching=False,
                       gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=False,
                       skip_tokenizer_init=False, max_model_len=max_model_len)
         if support == "lora":
             kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
+        kwargs.update(llm_kwargs)
         self.llm = (llm_factory or self.vllm.LLM)(**{k: v for k, v in kwargs.items() if v is not None})
         self.lora_request = None
 
