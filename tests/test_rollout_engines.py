@@ -341,3 +341,28 @@ def test_ppo_stage_with_an_unreachable_server_exits_2_and_writes_no_output(tiny_
     err = capsys.readouterr().err
     assert code == 2 and "rollout server" in err and "Traceback" not in err
     assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("executable,form", [("vllm", ["vllm", "serve", "BASE"]),
+                                             ("/env/bin/python -m vllm.entrypoints.openai.api_server",
+                                              ["/env/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model", "BASE"])])
+def test_a_started_server_gets_lora_flags_and_its_early_exit_is_one_clear_error(monkeypatch, tmp_path, executable, form):
+    started = {}
+
+    class ExitedAtOnce:
+        returncode = 1
+
+        def __init__(self, cmd, env, stdout, stderr):
+            started.update(cmd=cmd, env=env)
+
+        def poll(self):
+            return 1
+
+    monkeypatch.setattr(E.subprocess, "Popen", ExitedAtOnce)
+    with pytest.raises(E.RolloutServerError, match=r"exited with code 1 before answering.*vllm_server.log"):
+        E.VLLMServer(None, base_dir="BASE", support="lora", store=None, fallback=None, log=print, timeout=5,
+                     executable=executable, port=8123, max_lora_rank=16, log_file=tmp_path / "vllm_server.log")
+    cmd = started["cmd"]
+    assert cmd[:len(form)] == form and cmd[cmd.index("--port") + 1] == "8123"
+    assert "--enable-lora" in cmd and cmd[cmd.index("--max-lora-rank") + 1] == "16"
+    assert started["env"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"

