@@ -65,7 +65,9 @@ def serve(d: Path) -> int:
     got["v0"] = engine._complete(PROMPTS, greedy, use_adapter=True)
     engine._load_adapter(1, Path(exp["path1"]), old_version=0)  # the swap (v0 removed from vLLM)
     got["v1"] = engine._complete(PROMPTS, greedy, use_adapter=True)
-    ok = True
+    loaded = set(engine.llm.llm_engine.list_loras())
+    ok = loaded == {2}  # only v1 (lora_int_id 2) is left in vLLM: v0 was evicted at the swap
+    print(f"adapters loaded in vLLM after the swap: {sorted(loaded)} (expected [2])")
     for k in ("base", "v0", "v1"):
         same = got[k] == exp[k]
         ok &= same
