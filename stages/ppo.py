@@ -39,6 +39,7 @@ def train(run, callbacks=None):
     from stages.core.policy import build_policy, trainable_summary
     from stages.core.ppo import rewards as RW
     from stages.core.ppo.artifact import save_policy
+    from stages.core.ppo.engines import build as build_engine
     from stages.core.ppo.roles import build_roles
     from stages.core.ppo.trainer import PPOTrainer, make_accelerator
 
@@ -66,10 +67,11 @@ def train(run, callbacks=None):
     if not eval_prompts:
         S.log(STAGE, "warning: no held-out prompts (eval_datasets or validation_fraction): no before/after reward")
     summary = trainable_summary(roles.actor_critic)  # before accelerate.prepare (ZeRO-3 partitions the weights)
+    engine = build_engine(cfg, roles, policy, work_dir=run.out.work, log=lambda m: S.log(STAGE, m))
     trainer = PPOTrainer(cfg, roles, policy.tokenizer, reward, [r["prompt"] for r in data.train], eval_prompts,
                          accelerator=accelerator, checkpoints=run.out.checkpoints, logs=run.out.logs,
                          fingerprint=run.fingerprint, callbacks=[*(callbacks or []), run.progress()],
-                         log=lambda m: S.log(STAGE, m), gold=gold)
+                         log=lambda m: S.log(STAGE, m), gold=gold, engine=engine)
     if cfg.gold_eval_steps and gold is None:
         S.log(STAGE, "warning: gold_eval_steps without gold_judge: held-out reward, KL and length are logged, "
                      "but the output is the last policy (give gold_judge to keep the best by a judge that is not the reward)")
@@ -79,13 +81,16 @@ def train(run, callbacks=None):
                  f"{trainer.prompt_lengths.trimmed} of {trainer.prompt_lengths.rows} training prompts trimmed to "
                  f"max_prompt_length {cfg.max_prompt_length}")
 
-    start = run.cached("start", lambda: trainer.evaluate(role="reference"))  # the starting policy (= reference)
-    if start:
-        S.log(STAGE, f"held-out mean reward before training: {start['mean_reward']:.4f}"
-                     + (f"; gold score {start['gold_score']:.4f}" if "gold_score" in start else ""))
-    trainer.start_eval = start
-    trainer.train(resume_from=run.resume_from)
-    final = trainer.evaluate(role="policy")
+    try:
+        start = run.cached("start", lambda: trainer.evaluate(role="reference"))  # the starting policy (= reference)
+        if start:
+            S.log(STAGE, f"held-out mean reward before training: {start['mean_reward']:.4f}"
+                         + (f"; gold score {start['gold_score']:.4f}" if "gold_score" in start else ""))
+        trainer.start_eval = start
+        trainer.train(resume_from=run.resume_from)
+        final = trainer.evaluate(role="policy")
+    finally:
+        engine.close()  # a server the stage started is stopped
     if start and final:
         S.log(STAGE, f"held-out mean reward: start {start['mean_reward']:.4f} -> final {final['mean_reward']:.4f}; "
                      f"KL to the reference {final['kl_to_reference']:.4f} nats per response")
@@ -96,6 +101,7 @@ def train(run, callbacks=None):
                "prompt_lengths": trainer.prompt_lengths.to_dict(), "peak_memory_mb": _peak_memory_mb(),
                "guards": _guards(cfg, trainer)}
     manifest = run.manifest(policy, summary, metrics=metrics, task="ppo", memory_mode=roles.mode, roles=roles.info,
+                            rollout_engine=engine.name,
                             value_init=roles.value_init,
                             reward={"reward_model": cfg.reward_model, "reward_model_parent": rm_parent,
                                     "rules": cfg.reward, "reward_model_weight": cfg.reward_model_weight})

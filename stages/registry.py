@@ -57,6 +57,8 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
               None, "causal_lm", "trl:KTOTrainer", _PREF),
     StageSpec("orpo", "ORPO stage (reference-free)", "trl.experimental.orpo:ORPOConfig", "preference", None,
               "causal_lm", "trl.experimental.orpo:ORPOTrainer", _PREF),
+    StageSpec("cpo", "CPO stage (reference-free; loss_type simpo is SimPO)", "trl.experimental.cpo:CPOConfig",
+              "preference", None, "causal_lm", "trl.experimental.cpo:CPOTrainer", _PREF),
     StageSpec("ppo", "PPO stage (reward model and/or rule rewards; one base, four roles with LoRA)",
               "stages.core.ppo.config:PPOConfig", "prompt", None, "causal_lm", "stages.core.ppo.trainer:PPOTrainer",
               ("mean_reward", "kl_to_reference")),
@@ -64,6 +66,9 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
               "stages.core.ppo.online:GRPOStageConfig", "prompt", None, "causal_lm", "trl:GRPOTrainer", ("mean_reward",)),
     StageSpec("rloo", "RLOO stage (TRL RLOOTrainer) with reward model and/or rule rewards",
               "stages.core.ppo.online:RLOOStageConfig", "prompt", None, "causal_lm", "trl:RLOOTrainer", ("mean_reward",)),
+    StageSpec("online_dpo", "online DPO stage (TRL OnlineDPOTrainer): sampled pairs ranked by reward model and/or rules",
+              "stages.core.ppo.online_dpo:OnlineDPOStageConfig", "prompt", None, "causal_lm",
+              "trl.experimental.online_dpo:OnlineDPOTrainer", ("mean_reward",)),
     StageSpec("evaluate", "win-rate evaluation stage (as winrate, --out required; used by chains)", None, "prompt",
               None, None, None, ("win_rate", "tie_rate", "lc_win_rate"), kind="evaluation"),
 )}

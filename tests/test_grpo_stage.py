@@ -80,3 +80,20 @@ def test_rloo_learns_the_toy_task_beyond_its_seed_spread(tiny_llama, tmp_path):
     spread of 0.17 in the gain; the gain must exceed 0.33."""
     start, final = _held_out_gain(rloo, tiny_llama, tmp_path / "rloo")
     assert final - start > 0.33, (start, final)
+
+
+def test_grpo_passes_the_shared_vllm_keys_to_trl_and_says_clearly_when_vllm_is_missing(tiny_llama, tmp_path, capsys):
+    from stages.core.ppo.online import GRPOStageConfig
+    from stages.core.stage import parse_stage
+
+    args = parse_stage(GRPOStageConfig, ["--config", TINY, "--model_name_or_path", str(tiny_llama), "--output_dir",
+                                         str(tmp_path / "g"), "--reward", RULES, "--use_vllm", "true", "--vllm_mode",
+                                         "server", "--vllm_server_timeout", "30", "--loss_type", "dr_grpo"], stage="grpo")
+    t = args.training
+    assert (t.use_vllm, t.vllm_mode, t.vllm_server_timeout, t.loss_type) == (True, "server", 30.0, "dr_grpo")
+    import importlib.util
+
+    assert importlib.util.find_spec("vllm") is None  # the suite's environment has no vLLM (see the README)
+    code = grpo.cli(["--config", TINY, "--model_name_or_path", str(tiny_llama), "--output_dir", str(tmp_path / "g"),
+                     "--reward", RULES, "--use_vllm", "true"])
+    assert code == 2 and "use_vllm: TRL's vLLM generation" in capsys.readouterr().err

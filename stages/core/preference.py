@@ -1,9 +1,9 @@
-"""The preference-optimisation stages (DPO and its loss family, KTO, ORPO) share one flow.
+"""The preference-optimisation stages (DPO and its loss family, KTO, ORPO, CPO/SimPO) share one flow.
 
 Reference model: starting from an SFT output, a LoRA/DoRA/IA3 SFT adapter is merged on load
 (see policy.py), and a fresh adapter is trained on top; TRL then uses "adapters disabled" as the
 reference, which is exactly the SFT policy, with no second copy of the model in memory. A full
-fine-tuned policy gets TRL's separate frozen reference copy. ORPO needs no reference at all.
+fine-tuned policy gets TRL's separate frozen reference copy. ORPO and CPO (SimPO) need no reference at all.
 """
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ import os
 from . import stage as S
 
 
-PRETOKENIZED = {"dpo"}  # our truncation rule applied before TRL sees the rows (KTO/ORPO tokenise themselves)
+PRETOKENIZED = {"dpo"}  # our truncation rule applied before TRL sees the rows (KTO/ORPO/CPO tokenise themselves)
+REFERENCE_FREE = {"orpo", "cpo"}  # no reference model at all (CPO's loss_type simpo is SimPO)
 
 
 def _conversational_rows(dataset):
-    """KTO and ORPO tokenise themselves: give them TRL's conversational columns only."""
+    """KTO, ORPO and CPO tokenise themselves: give them TRL's conversational columns only."""
     keep = [c for c in ("prompt", "chosen", "rejected", "completion", "label") if c in dataset.column_names]
     return dataset.select_columns(keep)
 
@@ -72,7 +73,7 @@ def train(run):
     run.prepare()
     trainer_cls = _trainer_class(spec)
     extra = {}
-    if name != "orpo" and policy.peft_config is None and not hasattr(policy.model, "peft_config"):
+    if name not in REFERENCE_FREE and policy.peft_config is None and not hasattr(policy.model, "peft_config"):
         # full fine-tuning: the reference is a frozen copy of the model as loaded (the merged SFT policy);
         # left to TRL it would be rebuilt from config._name_or_path, i.e. the raw base
         extra["ref_model"] = frozen_reference(policy.model)
@@ -111,7 +112,7 @@ def precompute_pays_off(t, has_validation: bool) -> bool:
 
 
 def reference_kind(policy, method_name: str) -> str:
-    if method_name == "orpo":
+    if method_name in REFERENCE_FREE:
         return "none (reference-free)"
     start = f"merged {policy.merged_adapter}" if policy.merged_adapter else policy.source
     if policy.peft_config is not None:

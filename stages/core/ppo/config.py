@@ -15,6 +15,7 @@ from transformers import TrainingArguments
 
 from ..config import json_or_value
 from ..errors import ConfigError
+from .engines import EngineFields
 
 VALUE_MODELS = ("auto", "reward", "policy")
 KL_ESTIMATORS = ("k1", "k3")
@@ -71,7 +72,7 @@ class RewardFields(GoldFields):
 
 
 @dataclass
-class PPOConfig(TrainingArguments, GoldFields):
+class PPOConfig(TrainingArguments, GoldFields, EngineFields):
     """PPO (InstructGPT-style RLHF) on top of TrainingArguments (optimiser, precision, saving, logging)."""
 
     # defaults that suit PPO better than TrainingArguments'
@@ -120,6 +121,7 @@ class PPOConfig(TrainingArguments, GoldFields):
         split_reward_models(self)
         check_gold_fields(self)
         super().__post_init__()
+        self.check_engine_fields()  # the rollout engine's keys (TRL's GRPO names): engines.EngineFields
         c = self
         if c.max_kl_action not in MAX_KL_ACTIONS:
             raise ConfigError(f"max_kl_action: must be stop or raise_kl_coef, got {c.max_kl_action!r}")

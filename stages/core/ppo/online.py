@@ -1,4 +1,4 @@
-"""GRPO and RLOO through TRL's trainers, fed by the suite's reward plumbing (one flow for both).
+"""GRPO, RLOO and online DPO through TRL's trainers, fed by the suite's reward plumbing (one flow for all three).
 
 Rewards: `reward_model: PATH` (checked head, our truncation rule) and/or `reward: SPEC` rules, each passed to
 TRL as a separate reward function so TRL logs them one by one; their weights become `reward_weights`
@@ -58,13 +58,15 @@ def train(run):
     name, args, data = run.stage, run.args, run.data
     cfg = args.training
     RW._required(cfg)
+    _check_trl_vllm(cfg)
     if "eval_strategy" not in args.explicit:  # our greedy held-out reward replaces TRL's sampled evaluation
         cfg.eval_strategy = "no"
     rm_parent = artifacts.parent_info(cfg.reward_model) if cfg.reward_model else None
 
     run.prepare()
     policy = build_policy(args.model, args.policy, cfg)
-    if policy.peft_config is None and cfg.beta > 0 and policy.merged_adapter:
+    if name != "online_dpo" and policy.peft_config is None and cfg.beta > 0 and policy.merged_adapter:
+        # (OnlineDPOTrainer copies the model as loaded into its reference: nothing to point)
         point_reference_at_loaded_model(policy, run.out.work / "reference")
     from accelerate import PartialState
 
@@ -87,12 +89,13 @@ def train(run):
     combined = _weighted(funcs, cfg.reward_weights)  # the held-out figure weighs rewards as training does
     prompts = [r["prompt"] for r in evals] if evals is not None else []
     gold = RW.build_gold_judge(cfg)
+    max_new_tokens = getattr(cfg, "max_completion_length", None) or cfg.max_new_tokens  # online DPO: max_new_tokens
 
     def held_out():
         from trl.models.utils import unwrap_model_for_generation  # gathers ZeRO-3 parameters for generation
 
         with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
-            return greedy_reward(model, policy.tokenizer, prompts, combined, max_new_tokens=cfg.max_completion_length,
+            return greedy_reward(model, policy.tokenizer, prompts, combined, max_new_tokens=max_new_tokens,
                                  max_prompt_length=10**6, batch_size=cfg.per_device_eval_batch_size,
                                  device=trainer.accelerator.device, autocast=trainer.accelerator.autocast, gold=gold)
 
@@ -215,3 +218,18 @@ def _weighted(funcs, weights):
 
     parts = [(f.reward, float(w)) for f, w in zip(funcs, weights)]
     return parts[0][0] if len(parts) == 1 and parts[0][1] == 1.0 else CombinedReward(parts)
+
+
+def _check_trl_vllm(cfg) -> None:
+    """use_vllm / vllm_mode (the same keys as PPO's rollout engine) go to TRL unchanged; TRL's vLLM path needs
+    vLLM importable here in both modes (its server client syncs weights over NCCL): say so before any model loads."""
+    if not getattr(cfg, "use_vllm", False):
+        return
+    from trl.import_utils import is_vllm_available
+
+    from ..errors import ConfigError
+
+    if not is_vllm_available():
+        raise ConfigError(f"use_vllm: TRL's vLLM generation (vllm_mode {cfg.vllm_mode}) needs vLLM (TRL 1.16 accepts "
+                          "0.22-0.31) installed in this environment, and a GPU for its weight sync; it is not "
+                          "installed: set use_vllm false")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as C
+from . import engines as E
 from . import guards as G
 from . import losses as L
 from . import rollout as R
@@ -78,7 +79,8 @@ BEST = "best-gold"  # the checkpoint of the best policy by the gold score (never
 
 class PPOTrainer:
     def __init__(self, cfg, roles, tokenizer, reward, train_prompts, eval_prompts, *, accelerator, checkpoints: Path,
-                 logs: Path | None = None, fingerprint: str | None = None, callbacks=(), log=print, gold=None):
+                 logs: Path | None = None, fingerprint: str | None = None, callbacks=(), log=print, gold=None,
+                 engine=None):
         from transformers import get_scheduler
 
         self.cfg, self.roles, self.tokenizer, self.reward, self.gold = cfg, roles, tokenizer, reward, gold
@@ -89,6 +91,7 @@ class PPOTrainer:
         self.selected_step: int | None = None  # the update whose policy is the output, when chosen by the gold score
         self.accelerator, self.checkpoints, self.fingerprint = accelerator, Path(checkpoints), fingerprint
         self.callbacks, self.log = list(callbacks), log
+        self.engine = engine or E.GenerateEngine()  # who generates rollouts (engines.py); adapters follow self.update
         self.actor_critic = roles.actor_critic
         self.device = accelerator.device
         self.pad_id = tokenizer.pad_token_id
@@ -160,8 +163,9 @@ class PPOTrainer:
         cfg = self.cfg
         q, qm = R.left_pad(ids, self.pad_id, self.device)
         with self.generator(role) as gen, self.accelerator.autocast():
-            resp = R.generate(gen, q, qm, eos=self.eos, pad_id=self.pad_id, max_new_tokens=cfg.max_new_tokens,
-                              do_sample=do_sample, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+            sampling = E.Sampling(max_new_tokens=cfg.max_new_tokens, eos=tuple(self.eos), pad_id=self.pad_id,
+                                  do_sample=do_sample, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+            resp = self.engine.generate(gen, q, qm, ids, sampling, role=role, version=self.update)
         resp, mask, has_eos, lengths = R.cut_at_eos(resp, self.eos, self.pad_id)
         texts = R.response_texts(self.tokenizer, resp, lengths, has_eos)
         return {"query": q, "query_mask": qm, "response": resp, "mask": mask}, texts, has_eos, lengths
