@@ -350,6 +350,8 @@ _LOADERS = {
     "sft": lambda: sft_examples(), "sft_eval": lambda: _generate("sft", "eval", 64, 3),
     "preference": lambda: preference_pairs(), "preference_eval": lambda: _generate("preference", "eval", 64, 4),
     "prompts": lambda: heldout_prompts(),
+    **{name: (lambda name=name: __import__("stages.core.demo_classify", fromlist=["LOADERS"]).LOADERS[name]())
+       for name in ("classify", "classify_eval", "classify_multi", "classify_multi_eval")},
 }
 NAMES = tuple(_LOADERS)
 
