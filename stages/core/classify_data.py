@@ -231,10 +231,15 @@ def load_classification(sources, *, eval_sources=None, taxonomy: Taxonomy | None
                 continue
             seen.add(key)
             rep.rows_kept += 1
+            keys.setdefault(id(rep), []).append(key)
             out.append((key, c))
         return out
 
+    keys: dict[int, list[str]] = {}
+
     train, held = canon(train_raw), canon(eval_raw)
+    for rep in train_reports + eval_reports:
+        rep.fingerprint = fingerprint(keys.get(id(rep), []))
     report = ClassifyReport(task="classification", on_invalid="error", sources=train_reports,
                             eval_sources=eval_reports, labels=list(taxonomy.labels), taxonomy_source=taxonomy.source,
                             multi_label=multi_label)
