@@ -46,7 +46,6 @@ class ClassifyConfig(TrainingArguments):
     threshold: float | None = field(default=None, metadata={"help": "Multi-label decision threshold; default: tuned on the validation split."})
     zero_shot_baseline: bool = field(default=True, metadata={"help": "Score the instruct base zero-shot with the label names on the validation split."})
     tfidf_baseline: bool = field(default=True, metadata={"help": "Train and score TF-IDF + logistic regression on the same split."})
-    baseline_batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass in the zero-shot baseline."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -229,10 +228,12 @@ def _zero_shot(args, eval_rows, labels, multi):
         if torch.cuda.is_available():
             model = model.to("cuda")
         return zero_shot(model, tok, eval_rows, labels, multi_label=multi, max_length=t.max_length,
-                         batch_size=t.baseline_batch_size, log=lambda m: S.log(STAGE, m))
+                         log=lambda m: S.log(STAGE, m))
     finally:
         del model
         gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def cli(argv=None) -> int:

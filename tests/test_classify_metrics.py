@@ -60,3 +60,24 @@ def test_batched_scores_equal_one_at_a_time_whatever_the_padding_side(tiny_llama
     single = np.concatenate([score_texts(model, tok, [t], max_length=64, batch_size=1) for t in texts])
     assert np.allclose(batched, single, atol=1e-5)
     assert not np.allclose(batched[0], batched[1], atol=1e-3)  # the rows really differ
+
+
+def test_zero_shot_label_scores_equal_the_log_probability_of_the_whole_sequence(tiny_llama):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.core.classify_baselines import _continuation_logprobs
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    labels = ["red", "blue green", "a longer label name"]
+    with torch.no_grad():
+        got = _continuation_logprobs(model, tok, "Which colour?", labels)
+        head = tok.apply_chat_template([{"role": "user", "content": "Which colour?"}], tokenize=False,
+                                       add_generation_prompt=True)
+        p = tok(head, add_special_tokens=False)["input_ids"]
+        for label, score in zip(labels, got):
+            c = tok(label, add_special_tokens=False)["input_ids"]
+            logp = torch.log_softmax(model(input_ids=torch.tensor([p + c])).logits[0].float(), -1)
+            expected = sum(logp[len(p) - 1 + j, t].item() for j, t in enumerate(c))
+            assert score == pytest.approx(expected, abs=1e-4)

@@ -19,38 +19,54 @@ SINGLE_PROMPT = ("Classify the text into exactly one of these categories: {label
 MULTI_PROMPT = ("Does the text below belong to the category \"{label}\"? Answer yes or no.\n\nText: {text}")
 
 
-def _continuation_logprobs(model, tokenizer, prompts: list[str], continuations: list[str], batch_size: int) -> np.ndarray:
-    """Sum of log P(continuation tokens | prompt rendered as a chat with the generation prompt), per pair."""
+def _continuation_logprobs(model, tokenizer, prompt: str, continuations: list[str]) -> np.ndarray:
+    """Sum of log P(continuation tokens | prompt rendered as a chat with the generation prompt), per continuation.
+
+    The prompt is run once; its cache is repeated for the continuations (one label name per row of a batch)."""
     import torch
 
     device = next(model.parameters()).device
-    seqs = []
-    for p, c in zip(prompts, continuations):
-        head = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        ids_p = tokenizer(head, add_special_tokens=False)["input_ids"]
-        ids_c = tokenizer(c, add_special_tokens=False)["input_ids"]
-        seqs.append((ids_p, ids_c))
-    out = np.zeros(len(seqs))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    ids_p = torch.tensor([tokenizer(head, add_special_tokens=False)["input_ids"]], device=device)
+    conts = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+    out = model(input_ids=ids_p, use_cache=True)
+    first = torch.log_softmax(out.logits[0, -1].float(), -1)
+    scores = np.array([first[c[0]].item() for c in conts])
+    longest = max(len(c) for c in conts)
+    if longest == 1:
+        return scores
+    n, pad = len(conts), tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)
+    ids = torch.full((n, longest - 1), pad, dtype=torch.long, device=device)
+    mask = torch.zeros((n, ids_p.shape[1] + longest - 1), dtype=torch.long, device=device)
+    mask[:, :ids_p.shape[1]] = 1
+    for i, c in enumerate(conts):
+        ids[i, :len(c) - 1] = torch.tensor(c[:-1])
+        mask[i, ids_p.shape[1]:ids_p.shape[1] + len(c) - 1] = 1
+    import inspect
+
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # renamed in 5.2x
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, **{key: cache}).logits.float(), -1)
+    for i, c in enumerate(conts):
+        scores[i] += sum(logp[i, j, c[j + 1]].item() for j in range(len(c) - 1))
+    return scores
+
+
+def _scored(model, fn):
+    """Run `fn` without gradients, in bf16 autocast where the CPU has bf16 matmuls (several times faster)."""
+    import torch
+
+    from .runtime import cpu_supports_bf16
+
     model.eval()
-    with torch.no_grad():
-        for s in range(0, len(seqs), batch_size):
-            chunk = seqs[s:s + batch_size]
-            width = max(len(p) + len(c) for p, c in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, (p, c) in enumerate(chunk):
-                ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-                mask[i, :len(p) + len(c)] = 1
-            logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1).cpu()
-            for i, (p, c) in enumerate(chunk):
-                positions = torch.arange(len(p) - 1, len(p) + len(c) - 1)
-                out[s + i] = logp[i, positions, torch.tensor(c)].sum().item()
-    return out
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=on_cpu and cpu_supports_bf16()):
+        return fn()
 
 
 def zero_shot(model, tokenizer, rows, labels: list[str], *, multi_label: bool, max_length: int | None,
-              batch_size: int = 16, log=print) -> dict:
+              log=print) -> dict:
     """Zero-shot metrics of a causal LM on classification rows (see the module docstring)."""
     texts = []
     for r in rows:
@@ -58,15 +74,16 @@ def zero_shot(model, tokenizer, rows, labels: list[str], *, multi_label: bool, m
         texts.append(tokenizer.decode(ids, skip_special_tokens=True))
     n = len(labels)
     if multi_label:
-        prompts = [MULTI_PROMPT.format(label=lab, text=t) for t in texts for lab in labels]
-        yes = _continuation_logprobs(model, tokenizer, prompts, ["yes"] * len(prompts), batch_size)
-        no = _continuation_logprobs(model, tokenizer, prompts, ["no"] * len(prompts), batch_size)
-        probs = (1.0 / (1.0 + np.exp(no - yes))).reshape(len(texts), n)
+        def run():
+            return [[_continuation_logprobs(model, tokenizer, MULTI_PROMPT.format(label=lab, text=t), ["yes", "no"])
+                     for lab in labels] for t in texts]
+        yes_no = np.array(_scored(model, run))  # rows x labels x (yes, no)
+        probs = 1.0 / (1.0 + np.exp(yes_no[..., 1] - yes_no[..., 0]))
     else:
-        prompt = [SINGLE_PROMPT.format(labels=", ".join(labels), text=t) for t in texts]
-        scores = _continuation_logprobs(model, tokenizer, [p for p in prompt for _ in labels], labels * len(texts),
-                                        batch_size)
-        probs = softmax(scores.reshape(len(texts), n))
+        def run():
+            return [_continuation_logprobs(model, tokenizer, SINGLE_PROMPT.format(labels=", ".join(labels), text=t),
+                                           labels) for t in texts]
+        probs = softmax(np.array(_scored(model, run)))
     truth = [r["labels"] for r in rows]
     metrics = classification_metrics(probs, truth, labels, multi_label=multi_label)
     log(f"zero-shot base: macro-F1 {metrics['macro_f1']:.3f}, accuracy {metrics['accuracy']:.3f}")
