@@ -36,7 +36,7 @@ def _continuation_logprobs(model, tokenizer, prompt: str, continuations: list[st
     if longest == 1:
         return scores
     n, pad = len(conts), tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    cache = out.past_key_values
+    cache = out["cache"] if "cache" in out else out["past_key_values"]  # renamed in transformers 5.2x
     cache.batch_repeat_interleave(n)
     ids = torch.full((n, longest - 1), pad, dtype=torch.long, device=device)
     mask = torch.zeros((n, ids_p.shape[1] + longest - 1), dtype=torch.long, device=device)
