@@ -104,3 +104,19 @@ def test_split_is_deterministic_and_content_based(tmp_path):
     two = load_classification([f], validation_fraction=0.25, seed=3)
     assert list(one.eval["text"]) == list(two.eval["text"]) and len(one.eval) == 10
     assert not set(one.eval["text"]) & set(one.train["text"])
+
+
+def test_demo_sets_are_deterministic_decidable_and_never_name_their_label():
+    from stages.core import demo, demo_classify
+
+    for name in demo.CLASSIFY_NAMES:
+        rows = demo.load(name)
+        assert rows == demo.load(name)
+        for r in rows:
+            truth = r["labels"] if "labels" in r else [r["label"]]
+            assert demo_classify.verify_label(r["text"]) == truth
+            assert not any(label in r["text"].lower() for label in demo_classify.LABELS)
+    single = demo.load("classify")
+    assert {r["label"] for r in single} == set(demo_classify.LABELS) and len(demo_classify.LABELS) == 6
+    assert not {r["text"] for r in single} & {r["text"] for r in demo.load("classify_eval")}
+    assert max(len(r["labels"]) for r in demo.load("classify_multi")) == 3

@@ -350,16 +350,21 @@ _LOADERS = {
     "sft": lambda: sft_examples(), "sft_eval": lambda: _generate("sft", "eval", 64, 3),
     "preference": lambda: preference_pairs(), "preference_eval": lambda: _generate("preference", "eval", 64, 4),
     "prompts": lambda: heldout_prompts(),
-    **{name: (lambda name=name: __import__("stages.core.demo_classify", fromlist=["LOADERS"]).LOADERS[name]())
-       for name in ("classify", "classify_eval", "classify_multi", "classify_multi_eval")},
 }
 NAMES = tuple(_LOADERS)
 
 
+CLASSIFY_NAMES = ("classify", "classify_eval", "classify_multi", "classify_multi_eval")  # demo_classify.py
+
+
 def load(name: str) -> list[dict]:
+    if name in CLASSIFY_NAMES:
+        from stages.core.demo_classify import LOADERS
+
+        return LOADERS[name]()
     if name not in _LOADERS:
         from stages.core.errors import ConfigError
-        raise ConfigError(f"unknown demo dataset '{name}'; choose one of {', '.join(NAMES)}")
+        raise ConfigError(f"unknown demo dataset '{name}'; choose one of {', '.join(NAMES + CLASSIFY_NAMES)}")
     return _LOADERS[name]()
 
 
