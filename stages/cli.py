@@ -14,6 +14,7 @@ TOOLS = {
     "plan": ("stages.plan", "main", "per-GPU memory for DDP / ZeRO-2 / ZeRO-3 / offload and the launch config to pick"),
     "score": ("reward.score_cli", "main", "score a JSONL of prompt/response rows with a reward model or rule"),
     "export": ("stages.export", "cli", "merge a stage output into a standalone safetensors model (transformers/vLLM/TGI)"),
+    "predict": ("stages.predict", "cli", "label rows with a classify output: labels, scores, top-k (JSONL)"),
     "chat": ("stages.chat", "cli", "chat with a stage output or export in the terminal (--prompt for one reply)"),
     "demo-data": ("stages.core.demo", "cli", "write the built-in demo datasets as JSONL files"),
     "report": ("stages.report", "main", "write one self-contained report.html for a stage output or a chain run dir"),

@@ -111,11 +111,17 @@ def load_tokenizer(path):
     return _load(str(path))
 
 
-def load_base(name: str, task: str, dtype):
+def num_labels_of(path) -> int:
+    """A classifier's label count (its labels.json, written by the classify stage); 1 for a reward model."""
+    info = read_json(Path(path) / "labels.json") if Path(path).is_dir() else None
+    return len(info["labels"]) if info else 1
+
+
+def load_base(name: str, task: str, dtype, num_labels: int = 1):
     """A plain (unquantized) model; a mergeable adapter output is merged into its base, recursively."""
     from stages.core.policy import load_model
 
-    model, _, _ = load_model(name, task=task, dtype=dtype)
+    model, _, _ = load_model(name, task=task, dtype=dtype, num_labels=num_labels)
     if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
         raise ModelError(f"{root_model(name)} is stored quantized; an export needs the unquantized base weights "
                          "(point the adapter's base_model_name_or_path at the original 16/32-bit model)")
@@ -128,17 +134,17 @@ def load_for_inference(path, *, task: str | None = None, dtype=None):
 
     dtype = dtype or torch.float32
     task = task or task_of(path)
-    ptype = adapter_type(path)
+    ptype, n = adapter_type(path), num_labels_of(path)
     if ptype is None:
-        return load_base(str(path), task, dtype), "model"
+        return load_base(str(path), task, dtype, n), "model"
     if ptype in MERGEABLE:
-        return load_base(str(path), task, dtype), "merged"
+        return load_base(str(path), task, dtype, n), "merged"
     from peft import PeftModel
 
     from stages.core import bottleneck  # noqa: F401  (registers the bottleneck adapter type)
     from stages.core.models import sync_model_special_tokens
 
-    base = load_base(unmergeable_base(path), task, dtype)
+    base = load_base(unmergeable_base(path), task, dtype, n)
     sync_model_special_tokens(base, load_tokenizer(path))  # an adapter saved after adding a pad token
     return PeftModel.from_pretrained(base, str(path)), "base+adapter"
 
@@ -177,13 +183,17 @@ def export_model(src, dst, *, merge: bool = True, dtype: str = "auto") -> dict:
     task, ptype, torch_dtype = task_of(src), adapter_type(src), resolve_dtype(dtype, src)
     tokenizer = load_tokenizer(src)
     info = {"source": str(src.resolve()), "task": task, "peft_type": ptype, "dtype": str(torch_dtype).split(".")[-1]}
+    labels = read_json(src / "labels.json")  # a classifier: label names, task and threshold travel with it
+    n = len(labels["labels"]) if labels else 1
     if ptype is None or (ptype in MERGEABLE and merge):
-        model = load_base(str(src), task, torch.float32)
+        model = load_base(str(src), task, torch.float32, n)
+        _with_labels(model, labels, dst)
         save_standalone(model, tokenizer, dst, torch_dtype)
         return info | {"kind": "merged" if ptype else "full", "note": None}
     # base + adapter: the adapter cannot (or was asked not to) be merged
     base_name = unmergeable_base(src) if ptype not in MERGEABLE else adapter_base(src)
-    base = load_base(base_name, task, torch.float32)
+    base = load_base(base_name, task, torch.float32, n)
+    _with_labels(base, labels, dst / "base")
     save_standalone(base, tokenizer, dst / "base", torch_dtype)
     adir = dst / "adapter"
     adir.mkdir()
@@ -202,6 +212,17 @@ def export_model(src, dst, *, merge: bool = True, dtype: str = "auto") -> dict:
     if ptype == "BOTTLENECK":
         note += " " + BOTTLENECK_NOTE
     return info | {"kind": "base+adapter", "note": note}
+
+
+def _with_labels(model, labels: dict | None, directory: Path) -> None:
+    """A classifier's id2label/label2id/problem_type on the config, labels.json (with the threshold) beside it."""
+    if labels is None:
+        return
+    from stages.core.classify_model import apply_label_config
+
+    apply_label_config(model, labels)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
 
 
 def usage_section(info: dict, repo: str | None = None) -> str:

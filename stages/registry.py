@@ -25,6 +25,7 @@ class StageSpec:
     metrics: tuple[str, ...] = ()  # the metrics the stage reports (model card, chain table)
     kind: str = "training"  # training | evaluation
     plan_profile: str | None = None  # memory profile `rlhf plan` uses: sft, rm or dpo
+    data_loader: str | None = None  # "module:function(args)" for rows data.py does not read (classification)
 
     @property
     def module(self) -> str:
@@ -69,6 +70,10 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("online_dpo", "online DPO stage (TRL OnlineDPOTrainer): sampled pairs ranked by reward model and/or rules",
               "stages.core.ppo.online_dpo:OnlineDPOStageConfig", "prompt", None, "causal_lm",
               "trl.experimental.online_dpo:OnlineDPOTrainer", ("mean_reward",)),
+    StageSpec("classify", "classification fine-tuning with your label taxonomy (single- or multi-label)",
+              "stages.classify:ClassifyConfig", "classification", "stages.core.classify_model:encode_classification",
+              "seq_cls", "transformers:Trainer", ("macro_f1", "micro_f1", "accuracy", "ece"), plan_profile="rm",
+              data_loader="stages.classify:load_rows"),
     StageSpec("evaluate", "win-rate evaluation stage (as winrate, --out required; used by chains)", None, "prompt",
               None, None, None, ("win_rate", "tie_rate", "lc_win_rate"), kind="evaluation"),
 )}

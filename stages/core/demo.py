@@ -354,10 +354,17 @@ _LOADERS = {
 NAMES = tuple(_LOADERS)
 
 
+CLASSIFY_NAMES = ("classify", "classify_eval", "classify_multi", "classify_multi_eval")  # demo_classify.py
+
+
 def load(name: str) -> list[dict]:
+    if name in CLASSIFY_NAMES:
+        from stages.core.demo_classify import LOADERS
+
+        return LOADERS[name]()
     if name not in _LOADERS:
         from stages.core.errors import ConfigError
-        raise ConfigError(f"unknown demo dataset '{name}'; choose one of {', '.join(NAMES)}")
+        raise ConfigError(f"unknown demo dataset '{name}'; choose one of {', '.join(NAMES + CLASSIFY_NAMES)}")
     return _LOADERS[name]()
 
 

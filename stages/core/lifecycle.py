@@ -85,7 +85,8 @@ class StageRun:
         self.force = bool(a.run.force if force is None else force)
         self.data = data
         if a is not None and data is None and self.spec.data_task:
-            self.data = load_stage_data(a, self.spec.data_task)
+            self.data = (registry.load(self.spec.data_loader)(a) if self.spec.data_loader
+                         else load_stage_data(a, self.spec.data_task))
             log(stage, self.data.report.summary())
         self.components = components if components is not None else fingerprints.stage_components(
             stage, a, self.data.report.to_dict() if self.data is not None else None)

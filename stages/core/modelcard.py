@@ -187,6 +187,27 @@ def metrics_section(metrics: dict) -> list[str]:
     return lines + [""] if len(lines) > 2 else []
 
 
+def classification_section(manifest: dict) -> list[str]:
+    """A classifier's held-out comparison (trained vs untrained head vs baselines) and per-class figures."""
+    res = (manifest.get("metrics") or {}).get("classification") or {}
+    if not res:
+        return []
+    lines = ["## Classification", "", f"Labels (id order): {', '.join(f'`{n}`' for n in manifest.get('labels') or [])}; "
+             f"{'multi' if manifest.get('multi_label') else 'single'}-label"
+             + (f", decision threshold {fmt(manifest['threshold'])} (tuned on validation; `pipeline` does not apply "
+                "it: see labels.json)" if manifest.get("threshold") is not None else "") + ".", "",
+             "Held-out (validation) comparison:", ""]
+    rows = [[f"`{name}`", m["macro_f1"], m["micro_f1"], m["accuracy"], m["ece"]] for name, m in res.items() if m]
+    lines += table(["model", "macro-F1", "micro-F1", "accuracy", "ECE"], rows) + [""]
+    final = res.get("trained") or {}
+    if final.get("per_class"):
+        lines += ["Per class (trained):", ""]
+        lines += table(["label", "precision", "recall", "F1", "support"],
+                       [[f"`{k}`", v["precision"], v["recall"], v["f1"], v["support"]] for k, v in final["per_class"].items()])
+        lines += ["", "Confusion matrices: `confusion_start.png`, `confusion_final.png` (and in metrics.json).", ""]
+    return lines
+
+
 def title_of(out_dir, stage: str) -> str:
     """The output's directory name (`.sft.work/staging` while save_artifact assembles `sft`)."""
     if out_dir is None:
@@ -224,7 +245,7 @@ def render(manifest: dict, *, out_dir: Path | None = None, extra: str | None = N
                  for c in reversed(chain)]
         steps.append(f"`{stage}` ({method}): this output")
         lines += [f"{i}. {s}" for i, s in enumerate(steps, 1)]
-    lines += [""] + data_section(m.get("data") or {}) + hyperparameter_section(m) + metrics_section(m.get("metrics") or {})
+    lines += [""] + data_section(m.get("data") or {}) + hyperparameter_section(m) + metrics_section(m.get("metrics") or {}) + classification_section(m)
     if m.get("command") or m.get("recipe_path"):
         lines += ["## Reproduce", ""]
         if m.get("recipe_path"):
