@@ -267,11 +267,11 @@ def trl_head(ctx):
     mask = labels[:, 1:] != -100
     want = logits.log_softmax(-1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
     diff = (out.log_probs[mask].float() - want[mask]).abs().max().item()
-    if diff > 1e-3:
+    if diff > 5e-3:  # fp32 both ways; a wrong shift or token would differ by ~1
         raise AssertionError(f"max |log-prob diff| {diff:.2e}")
     entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
     ediff = (out.entropy[mask].float() - entropy[mask]).abs().max().item()
-    if ediff > 1e-3:
+    if ediff > 5e-3:
         raise AssertionError(f"max |entropy diff| {ediff:.2e}")
     return f"{int(mask.sum())} tokens, max |diff| log-prob {diff:.1e}, entropy {ediff:.1e} ({device})"
 
