@@ -21,7 +21,7 @@
 #   2. The device tool's run, with carry [".whl"] and timeout_s 420:
 #        PYTHONUNBUFFERED=1 bash tests/gpu/check.sh
 #      The table comes back at the end of output_tail and as $OUT/gpu-check.md (+ .json, and the full
-#      log as $OUT/gpu-check.log). Put the figures in the README ("Speed", GPU check paragraph).
+#      log as $OUT/gpu-check.log). Put the figures in the README ("Tests", the "GPU check" paragraph).
 #
 # Here, without a GPU:  tests/gpu/check.sh --cpu-dry-run   (the same code on CPU, CUDA-only rows skipped;
 # tests/test_gpu_check_script.py runs it in the fast tier).
