@@ -300,14 +300,16 @@ def real_overrides(spec, kind: str) -> list[str]:
             "--per_device_train_batch_size", str(r["batch"]), *common_overrides(Path(spec["tmp"]) / "out", spec["steps"])]
 
 
-def w_sft_real(spec, extra: list[str]) -> dict:
-    from stages import sft
+def w_stage_real(spec, stage: str, kind: str, passes: float, extra: tuple = ()) -> dict:
+    """Our stage as users run it, on the real-length rows (`kind`: which REAL shape and data)."""
+    import importlib
 
     timer = StepTimer()
     patch_stage_callbacks(timer)
-    sft.main(["--config", str(RECIPES / "sft.yaml"), "--model_name_or_path", spec["model"],
-              "--compare_with_base", "false", *real_overrides(spec, "sft"), *extra])
-    return timer.summary(passes=2.0)
+    importlib.import_module(f"stages.{stage}").main(
+        ["--config", str(RECIPES / f"{stage}.yaml"), "--model_name_or_path", spec["model"],
+         *(["--compare_with_base", "false"] if stage == "sft" else []), *real_overrides(spec, kind), *extra])
+    return timer.summary(passes=passes)
 
 
 def w_sft_real_trl(spec) -> dict:
@@ -342,15 +344,6 @@ def _suite_encoded_pairs(spec, layout: str, path: str):
     return ds, tokenizer
 
 
-def w_rm_real(spec) -> dict:
-    from stages import rm
-
-    timer = StepTimer()
-    patch_stage_callbacks(timer)
-    rm.main(["--config", str(RECIPES / "rm.yaml"), "--model_name_or_path", spec["model"], *real_overrides(spec, "rm")])
-    return timer.summary(passes=2.0)
-
-
 def w_rm_real_trl(spec) -> dict:
     """Plain TRL RewardTrainer (its defaults) on the same pre-truncated pairs, with the same LoRA."""
     from peft import LoraConfig
@@ -375,15 +368,6 @@ def w_rm_real_trl(spec) -> dict:
                             callbacks=[timer])
     trainer.train()
     return timer.summary(passes=2.0)
-
-
-def w_dpo_real(spec) -> dict:
-    from stages import dpo
-
-    timer = StepTimer()
-    patch_stage_callbacks(timer)
-    dpo.main(["--config", str(RECIPES / "dpo.yaml"), "--model_name_or_path", spec["model"], *real_overrides(spec, "dpo")])
-    return timer.summary(passes=3.0)
 
 
 def w_dpo_real_trl(spec) -> dict:
@@ -421,9 +405,10 @@ WORKERS = {"matmul": w_matmul, "sft": w_sft, "sft-trl": w_sft_trl, "dpo": w_dpo,
            "dpo-gc": lambda s: w_dpo(s, checkpointing=True),
            "rm-for-ppo": w_rm_for_ppo, "ppo-onebase": lambda s: w_ppo(s, mode="onebase"),
            "ppo-full": lambda s: w_ppo(s, mode="full"), "full-512": lambda s: w_sft(s, full512=True),
-           **{name: (lambda s, extra=extra: w_sft_real(s, extra)) for name, extra in SFT_VARIANTS.items()},
-           "sft-real-trl": w_sft_real_trl, "rm-real": w_rm_real, "rm-real-trl": w_rm_real_trl,
-           "dpo-real": w_dpo_real, "dpo-real-trl": w_dpo_real_trl}
+           **{name: (lambda s, extra=extra: w_stage_real(s, "sft", "sft", 2.0, extra)) for name, extra in SFT_VARIANTS.items()},
+           "sft-real-trl": w_sft_real_trl, "rm-real": lambda s: w_stage_real(s, "rm", "rm", 2.0),
+           "rm-real-trl": w_rm_real_trl, "dpo-real": lambda s: w_stage_real(s, "dpo", "dpo", 3.0),
+           "dpo-real-trl": w_dpo_real_trl}
 
 
 def worker_main(name: str, spec_path: str, result_path: str) -> None:
