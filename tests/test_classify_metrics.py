@@ -81,3 +81,23 @@ def test_zero_shot_label_scores_equal_the_log_probability_of_the_whole_sequence(
             logp = torch.log_softmax(model(input_ids=torch.tensor([p + c])).logits[0].float(), -1)
             expected = sum(logp[len(p) - 1 + j, t].item() for j, t in enumerate(c))
             assert score == pytest.approx(expected, abs=1e-4)
+
+
+def test_balanced_class_weights_scale_each_rows_loss_by_its_class_weight_hand_computed():
+    """logits [2, 0] for two rows, labels 0 and 1: per-row losses ln(1+e^-2) = 0.1269 and ln(1+e^2) = 2.1269;
+    with weights (1, 3) the weighted mean is (0.1269 + 3 x 2.1269) / 4 = 1.6269 (unweighted: 1.1269)."""
+    import math
+    import types
+
+    import torch
+
+    from stages.classify import _loss
+
+    out = types.SimpleNamespace(logits=torch.tensor([[2.0, 0.0], [2.0, 0.0]]))
+    got = _loss([1.0, 3.0], multi_label=False)(out, torch.tensor([0, 1]))
+    want = (math.log1p(math.exp(-2)) + 3 * math.log1p(math.exp(2))) / 4
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    assert _loss(None, multi_label=False) is None  # no weights: the model's own loss
+    # multi-label: positive weights scale only the positive targets; logits 0 give ln 2 per element
+    multi = _loss([3.0, 1.0], multi_label=True)(types.SimpleNamespace(logits=torch.zeros(1, 2)), torch.tensor([[1, 0]]))
+    assert float(multi) == pytest.approx((3 * math.log(2) + math.log(2)) / 2, rel=1e-5)
