@@ -260,7 +260,9 @@ def render(manifest: dict, *, out_dir: Path | None = None, extra: str | None = N
         lines += [extra.rstrip(), ""]
     elif out_dir is not None:
         name = title_of(out_dir, stage)
-        lines += ["## Use", "", "```bash", f"rlhf chat {name}                        # talk to it in the terminal",
+        use = (f"rlhf predict {name} --input rows.jsonl --output preds.jsonl  # labels, scores, top-k"
+               if stage == "classify" else f"rlhf chat {name}                        # talk to it in the terminal")
+        lines += ["## Use", "", "```bash", use,
                   f"rlhf export {name} --out {name}-export  # a standalone model for transformers / vLLM / TGI",
                   "```", ""]
     return "\n".join(lines).rstrip() + "\n"
