@@ -91,10 +91,18 @@ def _loss(weights, multi_label: bool):
     w = torch.tensor(weights, dtype=torch.float32)
 
     def loss(outputs, labels, num_items_in_batch=None):
+        # transformers treats a compute_loss_func's loss as already scaled for gradient accumulation (and
+        # multiplies it by the process count): so, like its own losses, sum over the micro-batch and divide by
+        # the items of the whole accumulated batch (num_items_in_batch) when it is given
         logits = outputs.logits.float()
         if multi_label:
-            return F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=w.to(logits.device))
-        return F.cross_entropy(logits, labels, weight=w.to(logits.device))
+            per_item = F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=w.to(logits.device),
+                                                          reduction="none")
+        else:
+            per_item = F.cross_entropy(logits, labels, weight=w.to(logits.device), reduction="none")
+        if num_items_in_batch is None:
+            return per_item.mean()
+        return per_item.sum() / torch.as_tensor(num_items_in_batch, device=logits.device).clamp(min=1)
 
     return loss
 

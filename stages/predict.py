@@ -72,6 +72,8 @@ def main(argv=None) -> Path:
     out = Path(args.output).expanduser()
     if out.is_dir():
         raise ConfigError(f"--output {out}: is a directory; give a file name")
+    if out.resolve() == Path(args.input).expanduser().resolve():
+        raise ConfigError(f"--output {out}: is the input file; predictions never replace the rows they were made from")
     mapping = {"text": args.text_field} if args.text_field else None
     rows = read_input_rows(args.input, mapping)
     raw = read_file(Path(args.input))

@@ -85,7 +85,7 @@ def test_zero_shot_label_scores_equal_the_log_probability_of_the_whole_sequence(
 
 def test_balanced_class_weights_scale_each_rows_loss_by_its_class_weight_hand_computed():
     """logits [2, 0] for two rows, labels 0 and 1: per-row losses ln(1+e^-2) = 0.1269 and ln(1+e^2) = 2.1269;
-    with weights (1, 3) the weighted mean is (0.1269 + 3 x 2.1269) / 4 = 1.6269 (unweighted: 1.1269)."""
+    with weights (1, 3): (0.1269 + 3 x 2.1269) / 2 rows = 3.2538 (unweighted: 1.1269)."""
     import math
     import types
 
@@ -96,8 +96,24 @@ def test_balanced_class_weights_scale_each_rows_loss_by_its_class_weight_hand_co
     out = types.SimpleNamespace(logits=torch.tensor([[2.0, 0.0], [2.0, 0.0]]))
     got = _loss([1.0, 3.0], multi_label=False)(out, torch.tensor([0, 1]))
     want = (math.log1p(math.exp(-2)) + 3 * math.log1p(math.exp(2))) / 4
-    assert float(got) == pytest.approx(want, rel=1e-5)
+    # each row's loss times its class weight, averaged over rows (not over the weights: that is what lets
+    # accumulated micro-batches add up): (0.1269 + 3 x 2.1269) / 2
+    assert float(got) == pytest.approx(want * 4 / 2, rel=1e-5)
+    # under gradient accumulation transformers passes the items of the whole accumulated batch: 4 rows here
+    half = _loss([1.0, 3.0], multi_label=False)(out, torch.tensor([0, 1]), num_items_in_batch=4)
+    assert float(half) == pytest.approx(want * 4 / 4, rel=1e-5)
     assert _loss(None, multi_label=False) is None  # no weights: the model's own loss
     # multi-label: positive weights scale only the positive targets; logits 0 give ln 2 per element
     multi = _loss([3.0, 1.0], multi_label=True)(types.SimpleNamespace(logits=torch.zeros(1, 2)), torch.tensor([[1, 0]]))
     assert float(multi) == pytest.approx((3 * math.log(2) + math.log(2)) / 2, rel=1e-5)
+
+
+def test_predict_refuses_to_write_over_its_own_input(tmp_path):
+    from stages import predict
+    from stages.core.errors import ConfigError
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "hello"}\n')
+    with pytest.raises(ConfigError, match="is the input file"):
+        predict.main([str(tmp_path / "no-run"), "--input", str(rows), "--output", str(rows)])
+    assert rows.read_text() == '{"text": "hello"}\n'

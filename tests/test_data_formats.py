@@ -285,3 +285,11 @@ def test_prompt_task_reads_rated_conversations_as_plain_ones():
     row = {"messages": [U("q1"), A("a1"), U("q2")], "score": 2}  # no final assistant turn: still a prompt
     assert detect_format(row.keys(), row, task="prompt") == "messages"
     assert conv(row, "prompt", fmt="messages") == [{"prompt": [U("q1"), A("a1"), U("q2")]}]
+
+
+def test_an_explicit_boolean_label_wins_over_a_score_column():
+    """A `score` beside `label` is metadata, not a rating: the row stays unpaired with its own label."""
+    row = {"prompt": "p", "completion": "c", "label": False, "score": 0.9}
+    fmt = detect_format(row.keys(), row)
+    assert fmt == "unpaired"
+    assert convert_row(row, task="unpaired", fmt=fmt)[0]["label"] is False

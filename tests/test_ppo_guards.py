@@ -138,6 +138,38 @@ def test_a_reward_model_list_becomes_an_ensemble_in_the_config(tmp_path):
         PPOConfig(output_dir=str(tmp_path), max_kl_action="panic", report_to="none", use_cpu=True)
     with pytest.raises(ConfigError, match="reward_normalization"):
         PPOConfig(output_dir=str(tmp_path), reward_normalization="batch", report_to="none", use_cpu=True)
+    with pytest.raises(ConfigError, match="raise_kl_coef needs a positive kl_coef"):  # 0 x 1.5 would stay 0
+        PPOConfig(output_dir=str(tmp_path), max_kl=5.0, max_kl_action="raise_kl_coef", kl_coef=0.0, report_to="none",
+                  use_cpu=True)
+
+
+def test_online_dpo_reads_reward_model_lists_and_checks_the_gold_keys_like_grpo(tmp_path):
+    from stages.core.errors import ConfigError
+    from stages.core.ppo.online_dpo import OnlineDPOStageConfig
+
+    cfg = OnlineDPOStageConfig(output_dir=str(tmp_path), reward_model='["rm_a", "rm_b"]', report_to="none",
+                               use_cpu=True)
+    assert cfg.reward_model == "rm_a" and cfg.extra_reward_models == ["rm_b"]
+    with pytest.raises(ConfigError, match="gold_eval_steps"):
+        OnlineDPOStageConfig(output_dir=str(tmp_path), gold_eval_steps=-1, report_to="none", use_cpu=True)
+
+
+def test_a_gold_reward_model_counts_in_the_fingerprint_by_content(tmp_path):
+    """Retraining the gold reward model in place must re-run the stage (its name is unchanged)."""
+    import types
+
+    from stages.core import fingerprints
+
+    gold = tmp_path / "gold_rm"
+    gold.mkdir()
+    (gold / "model.safetensors").write_bytes(b"first")
+    training = types.SimpleNamespace(gold_judge=str(gold))
+    args = types.SimpleNamespace(groups={"training": training}, explicit={"gold_judge"}, training=training,
+                                 model=types.SimpleNamespace(model_revision=None))
+    before = fingerprints.stage_components("ppo", args, None)
+    (gold / "model.safetensors").write_bytes(b"second, retrained")
+    after = fingerprints.stage_components("ppo", args, None)
+    assert before["gold_judge"] != after["gold_judge"]
 
 
 # -- the over-optimization flag ------------------------------------------------------------------------------

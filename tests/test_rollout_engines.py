@@ -366,3 +366,31 @@ def test_a_started_server_gets_lora_flags_and_its_early_exit_is_one_clear_error(
     assert cmd[:len(form)] == form and cmd[cmd.index("--port") + 1] == "8123"
     assert "--enable-lora" in cmd and cmd[cmd.index("--max-lora-rank") + 1] == "16"
     assert started["env"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+
+
+def test_weights_loaded_from_a_checkpoint_are_synced_again_under_a_fresh_adapter_id():
+    """After the trainer loads other weights at the same update count (best-by-gold restore, resume), the
+    next policy rollout must sync them: vLLM caches adapters by id, so the id must be new too."""
+    import torch
+
+    from stages.core.ppo import engines
+
+    synced = []
+
+    class Recorder(engines._VLLMEngine):
+        def _sync(self, lm, version):
+            synced.append(version)
+            self.version = version
+
+        def _complete(self, prompt_ids, sampling, use_adapter):
+            return [[7] for _ in prompt_ids]
+
+    engine = Recorder("lora", None, engines.GenerateEngine(), print)
+    sampling = engines.Sampling(max_new_tokens=1, eos=(2,), pad_id=0)
+    query = torch.ones(1, 3, dtype=torch.long)
+    for _ in range(2):
+        engine.generate(None, query, query, [[1, 1, 1]], sampling, version=30)
+    assert synced == [30]  # same weights: one sync
+    engine.invalidate()
+    engine.generate(None, query, query, [[1, 1, 1]], sampling, version=30)
+    assert len(synced) == 2 and synced[1] != 30

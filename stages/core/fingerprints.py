@@ -23,7 +23,8 @@ VOLATILE = {"output_dir", "logging_dir", "resume_from_checkpoint", "report_to", 
             "keep_checkpoints", "num_threads", "memory_budget_gb", "logging_steps", "logging_first_step", "push_to_hub",
             "hub_token", "hub_model_id", "dataloader_num_workers", "save_total_limit", "run_name", "use_cpu", "verbose",
             # where the rollout server runs and how long to wait for it (use_vllm and vllm_mode do count)
-            "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout", "vllm_executable"}
+            "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout", "vllm_executable",
+            "vllm_gpu_memory_utilization"}
 # paths whose content (not their name) is what counts: replaced by a content key
 MODEL_KEYS = ("model_name_or_path", "reward_model")
 CONTENT_KEYS = ("chat_template",)
@@ -155,6 +156,10 @@ def stage_components(stage: str, args, data_report: dict | None) -> dict:
             comps[key] = text_or_file_key(values.pop(key))
     if "reward" in values:
         comps["reward_code"] = reward_source_key(values["reward"])
+    gold = values.get("gold_judge")
+    if gold:  # a second reward model counts by content, a rule judge by its code, like the training reward
+        comps["gold_judge"] = (model_key(values.pop("gold_judge"), None) if isinstance(gold, str) and Path(gold).is_dir()
+                               else reward_source_key(gold))
     from .secrets import scrub
 
     comps["config"] = scrub(values)

@@ -107,7 +107,8 @@ def map_columns(row: Mapping, column_mapping: Mapping | None) -> dict:
     out = {k: v for k, v in row.items() if k not in mapping.values()}
     out.update({canon: row[src] for canon, src in mapping.items() if src in row})
     for alias, canon in ALIASES.items():
-        if canon not in out and alias in out:
+        # an explicit boolean `label` wins: a `score` beside it is then not a rating to threshold
+        if canon not in out and alias in out and not (canon == "rating" and "label" in out):
             out[canon] = out.pop(alias)
     return out
 

@@ -153,6 +153,8 @@ class PPOConfig(TrainingArguments, GoldFields, EngineFields):
             raise ConfigError("kl_coef and vf_coef: must not be negative")
         if c.adaptive_kl and c.kl_coef == 0:  # the controller's multiplicative update can never leave 0
             raise ConfigError("adaptive_kl: needs a positive starting kl_coef (got kl_coef: 0)")
+        if c.max_kl is not None and c.max_kl_action == "raise_kl_coef" and c.kl_coef == 0:  # 0 x 1.5 stays 0
+            raise ConfigError("max_kl_action: raise_kl_coef needs a positive kl_coef (got kl_coef: 0)")
         mini = c.per_device_train_batch_size * c.gradient_accumulation_steps
         if c.rollout_batch_size % mini:
             raise ConfigError(f"rollout_batch_size ({c.rollout_batch_size}) must be a multiple of per_device_train_batch_size "

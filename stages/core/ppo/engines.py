@@ -212,6 +212,9 @@ class GenerateEngine:
                           max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
                           temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
 
+    def invalidate(self) -> None:
+        pass  # generates from the model itself: always current
+
     def close(self) -> None:
         pass
 
@@ -223,10 +226,18 @@ class _VLLMEngine:
         self.support, self.store, self.fallback, self.log, self.seed = support, store, fallback, log, seed
         self.version: int | None = None
         self.adapter_path: Path | None = None
+        self.reloads = 0  # weights loaded from a checkpoint (resume, best-by-gold): adapter ids move past the old ones
+
+    def invalidate(self) -> None:
+        """The trainer loaded other weights at the same update count: the next policy rollout syncs again,
+        under an adapter id vLLM has not cached."""
+        self.version = None
+        self.reloads += 1
 
     def generate(self, model, query, query_mask, prompt_ids, sampling: Sampling, *, role="policy", version=0, lm=None):
         if role == "reference" and self.support == "full":  # the engine holds the trained weights
             return self.fallback.generate(model, query, query_mask, prompt_ids, sampling, role=role)
+        version = version + self.reloads * 1_000_000
         if role == "policy" and self.version != version:
             self._sync(lm if lm is not None else model, version)
         rows = self._complete(prompt_ids, sampling, use_adapter=role == "policy" and self.support == "lora")

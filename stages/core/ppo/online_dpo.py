@@ -16,7 +16,7 @@ from dataclasses import dataclass
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from trl.experimental.online_dpo import OnlineDPOConfig  # noqa: E402
 
-from .config import RewardFields, parse_reward_spec  # noqa: E402
+from .config import RewardFields, check_gold_fields, parse_reward_spec, split_reward_models  # noqa: E402
 
 
 @dataclass
@@ -25,4 +25,6 @@ class OnlineDPOStageConfig(OnlineDPOConfig, RewardFields):
 
     def __post_init__(self):
         self.reward = parse_reward_spec(self.reward)
+        split_reward_models(self)  # reward_model: [a, b] is an ensemble, as in GRPO/RLOO
+        check_gold_fields(self)
         super().__post_init__()

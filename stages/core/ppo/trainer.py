@@ -137,6 +137,7 @@ class PPOTrainer:
 
     def resume(self, path) -> None:
         state = C.load(self, path)
+        self.engine.invalidate()  # the rollout engine must serve the loaded weights, not the last ones it synced
         if self.fingerprint and state.get("fingerprint") not in (None, self.fingerprint):
             self.log(f"warning: {path} was written with a different config or data; continuing from it anyway")
         self.update, self.history = int(state["update"]), list(state.get("history", []))
@@ -355,6 +356,7 @@ class PPOTrainer:
                          "not the best by the gold score")
                 return
             C.load(self, path)
+            self.engine.invalidate()  # the rollout engine must serve the loaded weights, not the last ones it synced
             self.log(f"output = the policy of update {best['step']} (best gold score {best['gold_score']:.4f}; "
                      f"last update {self.update})")
         self.selected_step = best["step"]
