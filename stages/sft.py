@@ -53,6 +53,7 @@ def train(run):
     from stages.core import fastpath
     from stages.core.encode import encode_sft
     from stages.core.policy import build_policy, trainable_summary
+    from stages.core.sampling import seed_length_grouping
 
     args, data = run.args, run.data
     policy = build_policy(args.model, args.policy, args.training)
@@ -81,6 +82,7 @@ def train(run):
                              processing_class=policy.tokenizer, peft_config=policy.peft_config,
                              callbacks=run.callbacks())
     t.max_length = max_len
+    seed_length_grouping(trainer)  # the grouped order depends on the seed only, so a resume continues it
     S.log_fast_paths(trainer, STAGE, args)
     S.log(STAGE, "batches: " + ("packed" if t.packing else "padding-free (sequences concatenated, no pad tokens)"
                                 if t.padding_free else "padded"))

@@ -97,6 +97,71 @@ def test_interrupted_run_leaves_no_artifact_and_resumes(tiny_llama, tmp_path, mo
     assert manifest(out)["status"] == "complete"
 
 
+def test_a_resume_under_length_grouping_ends_where_an_uninterrupted_run_does(tiny_llama, tmp_path, monkeypatch):
+    """The grouped order is drawn from (seed, epoch), not from the global RNG: a resumed run reaches the epoch's
+    first batch with a different RNG history (here: a callback draws from it, as checkpoint loading and ZeRO-3
+    partitioning do) and must still skip the batches it already trained on, not those of another order."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from stages.core.lifecycle import StageRun
+
+    exact = ("--lora_dropout", "0", "--group_by_length", "true")
+    whole = tmp_path / "whole"
+    run_sft(tiny_llama, whole, *exact)
+
+    class CrashAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 4:
+                raise _Crash()
+
+    class DrawOnBegin(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            torch.rand(17)
+
+    orig = StageRun.callbacks
+    monkeypatch.setattr(StageRun, "callbacks", lambda self: orig(self) + [CrashAfter()])
+    out = tmp_path / "sft"
+    with pytest.raises(_Crash):
+        run_sft(tiny_llama, out, *exact)
+    monkeypatch.setattr(StageRun, "callbacks", lambda self: orig(self) + [DrawOnBegin()])
+    run_sft(tiny_llama, out, *exact)
+    got, want = load_file(str(out / "adapter_model.safetensors")), load_file(str(whole / "adapter_model.safetensors"))
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_the_length_grouped_order_depends_on_seed_and_epoch_only():
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from stages.core.sampling import SeededLengthGroupedSampler, seed_length_grouping
+
+    lengths = [(i * 37) % 101 + 1 for i in range(64)]
+    orders = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        sampler = SeededLengthGroupedSampler(4, lengths=lengths, seed=7)
+        orders.append(list(sampler))
+    assert orders[0] == orders[1] and sorted(orders[0]) == list(range(64))
+    sampler.set_epoch(1)
+    assert list(sampler) != orders[0]  # a new epoch reshuffles
+    assert list(SeededLengthGroupedSampler(4, lengths=lengths, seed=8)) != orders[0]
+
+    class Trainer:  # the one method and field seed_length_grouping uses
+        args = type("Args", (), {"seed": 3, "data_seed": None})()
+
+        def _get_train_sampler(self, train_dataset=None):
+            return LengthGroupedSampler(4, lengths=lengths)
+
+    trainer = Trainer()
+    seed_length_grouping(trainer)
+    wrapped = trainer._get_train_sampler()
+    assert isinstance(wrapped, SeededLengthGroupedSampler) and wrapped.seed == 3 and wrapped.lengths == lengths
+
+
 def test_early_stopping_keeps_the_best_checkpoint(tiny_llama, tmp_path):
     out = tmp_path / "sft"
     run_sft(tiny_llama, out, "--learning_rate", "3.0", "--max_steps", "30", "--eval_steps", "1", "--save_steps", "1",
