@@ -164,9 +164,18 @@ def _demo_verify(prompt: str, response: str):
     return verify(prompt, response)
 
 
-def demo_verifier_reward(reward: float = 1.0, penalty: float = 0.0) -> VerifierReward:
-    """1.0 when `stages.core.demo.verify` passes the response, else 0.0 (the module is imported on first use)."""
-    return VerifierReward(_demo_verify, reward=reward, penalty=penalty)
+def _demo_checks_passed(prompt: str, response: str) -> float:
+    checks = _demo_verify(prompt, response).checks
+    return sum(checks.values()) / len(checks) if checks else 0.0
+
+
+def demo_verifier_reward(reward: float = 1.0, penalty: float = 0.0, partial: bool = False) -> VerifierReward:
+    """1.0 when `stages.core.demo.verify` passes the response, else 0.0 (the module is imported on first use).
+    `partial: true` scores the fraction of the prompt's checks passed instead: a dense signal for RL, where
+    an all-or-nothing pass is rarely hit by early samples."""
+    if not isinstance(partial, bool):
+        raise ConfigError(f"demo_verifier: partial must be true or false, got {partial!r}")
+    return VerifierReward(_demo_checks_passed if partial else _demo_verify, reward=reward, penalty=penalty)
 
 
 class CombinedReward:

@@ -275,6 +275,19 @@ def test_demo_verifier_reward_on_demo_pairs():
     assert f(prompts=prompts, completions=[p["rejected"] for p in pairs]) == [0.0] * 20
 
 
+def test_demo_verifier_partial_credit_counts_the_checks_a_reply_passes():
+    prompt = "How do I reset my password?"
+    full = build_reward({"demo_verifier": None, "partial": True})
+    binary = build_reward("demo_verifier")
+    no_signoff = "Hi there! Open settings and choose reset password."
+    bare = "open settings"  # no greeting, no sign-off
+    partial, passed = full.score([prompt] * 2, [no_signoff, bare]), binary.score([prompt] * 2, [no_signoff, bare])
+    assert passed == [0.0, 0.0]  # neither passes every check
+    assert 0.0 < partial[1] < partial[0] < 1.0  # but the first passes more of them
+    with pytest.raises(ConfigError, match="partial"):
+        build_reward({"demo_verifier": None, "partial": "yes"})
+
+
 def test_combined_weights():
     a, b = RegexReward("x"), RegexReward("y", reward=1.0, penalty=-1.0)
     comb = CombinedReward([(a, 2.0), (b, 0.5)])
