@@ -171,19 +171,29 @@ def compare(paths: list[Path], plot_path: Path | None) -> str:
     return "\n".join(out)
 
 
+def first_free(path: Path) -> Path:
+    """`path`, or `stem-2.suffix`, `stem-3.suffix`, ... : the first name no file holds."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
 def compare_main(argv=None) -> int:
     from .core.errors import UserError
 
     p = argparse.ArgumentParser(prog="rlhf compare", description="Stage outputs side by side: differing hyperparameters "
                                 "and data fingerprints, metrics, and one plot of their validation curves.")
     p.add_argument("outputs", nargs="+", metavar="OUTPUT")
-    p.add_argument("--plot", default="compare.png", help="where to draw the validation curves (default ./compare.png; "
+    p.add_argument("--plot", default=None, help="where to draw the validation curves (default ./compare.png, or "
+                   "compare-2.png, ... when that file exists: a file not named here is never overwritten; "
                    "'none' for no plot)")
     a = p.parse_args(argv)
     if len(a.outputs) < 2:
         print("error: rlhf compare needs at least two stage outputs", file=sys.stderr)
         return 2
-    plot = None if a.plot == "none" else Path(a.plot)
+    plot = None if a.plot == "none" else Path(a.plot) if a.plot else first_free(Path("compare.png"))
     try:
         print(compare([Path(x).expanduser() for x in a.outputs], plot))
     except UserError as e:

@@ -279,6 +279,17 @@ def test_compare_shows_what_differs_metrics_and_one_validation_plot(tmp_path, ca
     assert RUNS.compare_main([str(a), str(tmp_path)]) == 2
 
 
+def test_compare_never_overwrites_a_plot_it_was_not_told_to_write(tmp_path, monkeypatch, capsys):
+    a, b = two_sft_runs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "compare.png").write_bytes(b"a user's own figure")
+    assert RUNS.compare_main([str(a), str(b)]) == 0
+    assert (tmp_path / "compare.png").read_bytes() == b"a user's own figure"
+    assert (tmp_path / "compare-2.png").read_bytes()[:4] == b"\x89PNG" and "compare-2.png" in capsys.readouterr().out
+    assert RUNS.compare_main([str(a), str(b)]) == 0
+    assert (tmp_path / "compare-3.png").exists()
+
+
 def test_compare_plot_draws_one_validation_curve_per_run():
     other = [dict(e, eval_loss=e["eval_loss"] - 0.3) if "eval_loss" in e else e for e in SFT_HISTORY]
     fig = plots.validation_figure([("lr-high", SFT_HISTORY), ("lr-low", other)])
