@@ -5,7 +5,8 @@
 Each input row needs `text` (or chat `messages`); every other field is copied through. Each output row adds
 `label` (single-label: the argmax) or `labels` (multi-label: every label whose sigmoid score reaches the tuned
 threshold in labels.json), `scores` (every label's probability) and `top_k` ([label, score] pairs, best
-first). Rows are scored in batches; the output is written to a temporary file and renamed into place.
+first); where the input already has one of these columns (a gold `label`, say), it is kept and the
+prediction is written as `predicted_label` etc. Rows are scored in batches; the output is written to a temporary file and renamed into place.
 """
 from __future__ import annotations
 
@@ -81,6 +82,11 @@ def main(argv=None) -> Path:
     S.log(STAGE, f"{len(rows)} rows, labels: {', '.join(info['labels'])}")
     preds = predict_rows(model, tokenizer, info, rows, top_k=args.top_k, batch_size=args.batch_size,
                          threshold=args.threshold)
+    taken = sorted({k for src in raw for k in src} & {k for pred in preds for k in pred})
+    if taken:  # e.g. a gold `label` column: kept as it is, the prediction goes beside it
+        S.log(STAGE, f"the input already has {', '.join(taken)}: predictions are written as "
+                     f"{', '.join('predicted_' + k for k in taken)}")
+        preds = [{("predicted_" + k if k in taken else k): v for k, v in pred.items()} for pred in preds]
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     try:

@@ -49,7 +49,8 @@ def test_single_label_rises_from_chance_and_predict_reproduces_the_measured_scor
     predict.main([str(out), "--input", held, "--output", str(preds), "--batch-size", "7", "--top-k", "2"])
     rows = read_jsonl(preds)
     assert len(rows) == len(held_rows) and all(len(r["top_k"]) == 2 for r in rows)
-    accuracy = sum(r["label"] == h["label"] for r, h in zip(rows, held_rows)) / len(rows)
+    assert [r["label"] for r in rows] == [h["label"] for h in held_rows]  # the input's gold labels are kept
+    accuracy = sum(r["predicted_label"] == h["label"] for r, h in zip(rows, held_rows)) / len(rows)
     assert accuracy == pytest.approx(res["trained"]["accuracy"])  # the saved model is the one measured
 
     # the export: a standalone AutoModelForSequenceClassification, loaded by pipeline in a fresh process
@@ -87,7 +88,7 @@ def test_multi_label_rises_from_chance_with_a_tuned_threshold_that_predict_appli
     preds = tmp_path / "preds.jsonl"
     predict.main([str(out), "--input", held, "--output", str(preds)])
     rows = read_jsonl(preds)
-    exact = sum(sorted(r["labels"]) == h["labels"] for r, h in zip(rows, held_rows)) / len(rows)
+    exact = sum(sorted(r["predicted_labels"]) == h["labels"] for r, h in zip(rows, held_rows)) / len(rows)
     assert exact == pytest.approx(res["trained"]["accuracy"])  # predict applies the tuned threshold
 
 
@@ -107,10 +108,10 @@ def test_lora_classifier_saves_its_head_and_reloads_to_the_measured_predictions(
     predict.main([str(out), "--input", held, "--output", str(preds)])
     rows = read_jsonl(preds)
     trained, start = m["metrics"]["classification"]["trained"], m["metrics"]["classification"]["untrained_head"]
-    correct = sum(r["label"] == h["label"] for r, h in zip(rows, held_rows))
+    correct = sum(r["predicted_label"] == h["label"] for r, h in zip(rows, held_rows))
     assert correct / len(rows) == pytest.approx(trained["accuracy"])
     # the reloaded head is the trained one: its predictions differ from the untrained head's confusion matrix
-    counts = [sum(r["label"] == lab for r in rows) for lab in ("alpha", "beta", "delta", "gamma")]
+    counts = [sum(r["predicted_label"] == lab for r in rows) for lab in ("alpha", "beta", "delta", "gamma")]
     assert counts == [sum(col) for col in zip(*trained["confusion_matrix"])]
     assert trained["confusion_matrix"] != start["confusion_matrix"]
 
