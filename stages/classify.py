@@ -61,10 +61,18 @@ class ClassifyConfig(TrainingArguments):
             raise ConfigError("threshold: only multi-label classification has a decision threshold (set multi_label: true)")
 
 
+def refuse_unsupported_method(args) -> str:
+    method = args.policy.resolve_method(args.model)
+    if method in UNSUPPORTED:
+        raise ConfigError(f"peft_method: {method}: {UNSUPPORTED[method]}")
+    return method
+
+
 def load_rows(args):
     """The lifecycle's data loader for this stage (registry `data_loader`): rows, taxonomy, report."""
     from stages.core.classify_data import load_classification, read_taxonomy
 
+    refuse_unsupported_method(args)  # before reading any data
     t, d = args.training, args.data
     train, evals = S.data_sources(args)
     labels = t.labels[0] if isinstance(t.labels, list) and len(t.labels) == 1 and Path(t.labels[0]).is_file() else t.labels
@@ -125,9 +133,7 @@ def train(run):
 
     args, data, t = run.args, run.data, run.args.training
     report, labels, multi = data.report, data.report.labels, t.multi_label
-    method = args.policy.resolve_method(args.model)
-    if method in UNSUPPORTED:
-        raise ConfigError(f"peft_method: {method}: {UNSUPPORTED[method]}")
+    method = refuse_unsupported_method(args)
     if data.eval is None or not len(data.eval):
         raise ConfigError("classify: needs a validation split (eval_datasets or validation_fraction > 0): the "
                           "before/after evaluation, the baselines and the multi-label threshold are measured on it")

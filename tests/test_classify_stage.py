@@ -116,8 +116,8 @@ def test_lora_classifier_saves_its_head_and_reloads_to_the_measured_predictions(
     assert trained["confusion_matrix"] != start["confusion_matrix"]
 
 
-def test_prefix_tuning_is_refused_with_the_reason(tiny_llama, tmp_path):
-    train = write_jsonl(tmp_path / "train.jsonl", single_rows(16, seed=0))
+def test_prefix_tuning_is_refused_with_the_reason_before_any_data_is_read(tiny_llama, tmp_path):
+    train = str(tmp_path / "not-written-yet.jsonl")  # refused first: the data is never opened
     held = write_jsonl(tmp_path / "held.jsonl", single_rows(8, seed=1))
     with pytest.raises(ConfigError, match="prefix tuning needs past key values"):
         run_classify(tiny_llama, tmp_path / "cls", train, held, "--peft_method", "prefix", "--tfidf_baseline", "false")
