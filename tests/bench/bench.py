@@ -93,15 +93,19 @@ def check_targets(results: dict) -> list[dict]:
     return out
 
 
-def workload_lengths(model: str) -> dict:
-    """Token lengths of the real-length rows under the model's chat template (quoted with the figures)."""
+def workload_lengths(model: str, steps: int) -> dict:
+    """Token lengths of the real-length rows under the model's chat template (quoted with the figures): the
+    SFT runs' rows (one epoch of `steps` batches), the 512-row distribution they are drawn from, the pairs."""
     from transformers import AutoTokenizer
 
     from stages.core.models import resolve_model
     from workload import instruction_rows, preference_rows, lengths
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
-    return {"sft": lengths(instruction_rows(), tokenizer), "pairs": lengths(preference_rows(), tokenizer)}
+    from workers import REAL
+
+    return {"sft": lengths(instruction_rows(steps * REAL["sft"]["batch"]), tokenizer),
+            "sft-distribution": lengths(instruction_rows(), tokenizer), "pairs": lengths(preference_rows(), tokenizer)}
 
 
 def table(results: dict, targets: list[dict]) -> str:
@@ -170,7 +174,7 @@ def main(argv=None) -> int:
     targets = check_targets(results)
     import torch
 
-    report = {"model": a.model, "steps": a.steps, "workload_lengths": workload_lengths(a.model) if any(
+    report = {"model": a.model, "steps": a.steps, "workload_lengths": workload_lengths(a.model, a.steps) if any(
                   "real" in n for n in results) else None, "warmup_steps": WARMUP, "torch": torch.__version__,
               "cuda": torch.cuda.is_available(), "cpu_count": os.cpu_count(), "total_s": time.perf_counter() - t0,
               "command": "python tests/bench/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),

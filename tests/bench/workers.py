@@ -282,14 +282,18 @@ REAL = {"sft": {"max_length": 512, "batch": 4}, "rm": {"max_length": 384, "batch
 SFT_VARIANTS = {"sft-real": [], "sft-real-no-compact-head": ["--compact_lm_head", "false"],
                 "sft-real-no-bf16-weights": ["--bf16_frozen_weights", "false"],
                 "sft-real-no-grouping": ["--group_by_length", "false"],
-                "sft-real-no-checkpointing": ["--gradient_checkpointing", "false"]}
+                "sft-real-no-checkpointing": ["--gradient_checkpointing", "false"],
+                "sft-real-keep-freed-memory": ["--return_freed_memory", "false"]}
 
 
 def real_rows(spec, kind: str) -> str:
     from workload import instruction_rows, preference_rows
 
     path = Path(spec["tmp"]) / f"real-{kind}.jsonl"
-    rows = instruction_rows(spec.get("real_rows", 512)) if kind == "sft" else preference_rows(spec.get("real_pairs", 256))
+    # SFT: exactly one epoch of the measured steps, so a length-grouped order and TRL's random order train on
+    # the same rows (with more rows, grouping's longest-first window would see longer rows than TRL's sample)
+    rows = (instruction_rows(spec["steps"] * REAL["sft"]["batch"]) if kind == "sft"
+            else preference_rows(spec.get("real_pairs", 256)))
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return str(path)
 
