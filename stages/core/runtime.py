@@ -144,7 +144,8 @@ def return_freed_memory() -> bool:
     tensors (1-30 MiB) soon come from the heap, and a heap that held one step's activations stays as large
     as its fragmented peak: on real-length rows the reward stage's peak RSS went from 2.4 GB in its first step
     to 4.8 GB by its second. A fixed 1 MiB threshold serves every block of 1 MiB or more with its own mapping,
-    unmapped when freed: peak RSS stays that of the live tensors (README "Where the memory goes").
+    unmapped when freed: peak RSS stays that of the live tensors (README "Where the memory goes"). The price is
+    a page fault per page of every such block, every time: opt-in (`return_freed_memory: true`), not a default.
     Returns whether the setting was applied (False off glibc)."""
     import ctypes
     import ctypes.util

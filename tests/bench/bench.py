@@ -24,12 +24,14 @@ from pathlib import Path
 from workers import ROOT, SFT_VARIANTS, WARMUP, worker_main  # this folder is on sys.path when run as a script
 
 DEMO_RUNS = ["sft", "sft-trl", "dpo", "dpo-gc", "dpo-trl", "ppo-onebase", "ppo-full", "full-512"]
-REAL_RUNS = [*SFT_VARIANTS, "sft-real-trl", "rm-real", "rm-real-trl", "dpo-real", "dpo-real-trl"]
+REAL_RUNS = [*SFT_VARIANTS, "sft-real-trl", "rm-real", "rm-real-return-freed-memory", "rm-real-trl", "dpo-real",
+             "dpo-real-trl"]
 RUNS = ["matmul", *DEMO_RUNS, *REAL_RUNS]
 PAIRS = {  # ours vs the baseline it is compared with
     "sft": "sft-trl", "dpo": "dpo-trl", "dpo-gc": "dpo-trl", "ppo-onebase": "ppo-full",
     "sft-real": "sft-real-trl", "rm-real": "rm-real-trl", "dpo-real": "dpo-real-trl",
     **{name: "sft-real" for name in SFT_VARIANTS if name != "sft-real"},  # each default off vs all on
+    "rm-real-return-freed-memory": "rm-real",
 }
 TARGETS = [  # (what, run, baseline, metric, op, bound)
     ("SFT tokens/s vs plain TRL", "sft", "sft-trl", "tokens_per_s", ">=", 1.5),

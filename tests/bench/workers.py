@@ -283,7 +283,7 @@ SFT_VARIANTS = {"sft-real": [], "sft-real-no-compact-head": ["--compact_lm_head"
                 "sft-real-no-bf16-weights": ["--bf16_frozen_weights", "false"],
                 "sft-real-no-grouping": ["--group_by_length", "false"],
                 "sft-real-no-checkpointing": ["--gradient_checkpointing", "false"],
-                "sft-real-keep-freed-memory": ["--return_freed_memory", "false"]}
+                "sft-real-return-freed-memory": ["--return_freed_memory", "true"]}
 
 
 def real_rows(spec, kind: str) -> str:
@@ -411,6 +411,7 @@ WORKERS = {"matmul": w_matmul, "sft": w_sft, "sft-trl": w_sft_trl, "dpo": w_dpo,
            "ppo-full": lambda s: w_ppo(s, mode="full"), "full-512": lambda s: w_sft(s, full512=True),
            **{name: (lambda s, extra=extra: w_stage_real(s, "sft", "sft", 2.0, extra)) for name, extra in SFT_VARIANTS.items()},
            "sft-real-trl": w_sft_real_trl, "rm-real": lambda s: w_stage_real(s, "rm", "rm", 2.0),
+           "rm-real-return-freed-memory": lambda s: w_stage_real(s, "rm", "rm", 2.0, ("--return_freed_memory", "true")),
            "rm-real-trl": w_rm_real_trl, "dpo-real": lambda s: w_stage_real(s, "dpo", "dpo", 3.0),
            "dpo-real-trl": w_dpo_real_trl}
 
