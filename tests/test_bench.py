@@ -20,13 +20,14 @@ def test_bench_measures_every_run_and_reports_ratios_and_targets(tiny_llama, tmp
     res = report["results"]
     assert set(res) == {"matmul", "sft", "sft-trl", "dpo", "dpo-gc", "dpo-trl", "ppo-onebase",
                         "ppo-full", "full-512", "sft-real", "sft-real-no-compact-head", "sft-real-no-bf16-weights",
-                        "sft-real-no-grouping", "sft-real-no-checkpointing", "sft-real-trl", "rm-real", "rm-real-trl",
-                        "dpo-real", "dpo-real-trl"}
+                        "sft-real-no-grouping", "sft-real-no-checkpointing", "sft-real-return-freed-memory",
+                        "sft-real-trl", "rm-real", "rm-real-return-freed-memory", "rm-real-trl", "dpo-real", "dpo-real-trl"}
     # the real-length rows: every run saw fewer non-padding tokens per step than batch x max_length, and the
     # report quotes their length distribution
     for name, cap in (("sft-real", 4 * 512), ("sft-real-trl", 4 * 512), ("rm-real", 8 * 2 * 384)):
         assert 0 < res[name]["tokens_per_step"] <= cap, name
     assert {"median", "p90", "over_512"} <= set(report["workload_lengths"]["sft"])
+    assert report["workload_lengths"]["sft"]["rows"] == 4 * 4  # one epoch of the measured steps: 4 x batch 4
     assert "real-length SFT peak RSS vs plain TRL" in {t["target"] for t in report["targets"]}
     assert res["matmul"]["bf16_flops"] > 0 and res["matmul"]["fp32_flops"] > 0
     for name, fig in res.items():
