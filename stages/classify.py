@@ -153,13 +153,13 @@ def train(run):
     info = label_info(labels, multi, t.threshold, max_length=t.max_length, truncation_side=t.truncation_side)
     apply_label_config(policy.model, info)
     model = _with_adapter(policy, t)
-    S.checkpointing_for_memory(args, policy.model, STAGE)
 
     enc = dict(max_length=t.max_length, truncation_side=t.truncation_side, multi_label=multi, num_labels=len(labels))
     train_ds, train_len = S.encode_split(encode_classification, data, "train", policy.tokenizer, args, STAGE, **enc)
     eval_ds, eval_len = S.encode_split(encode_classification, data, "eval", policy.tokenizer, args, STAGE, **enc)
     S.log(STAGE, train_len.summary("train") + f" (truncation_side {t.truncation_side})")
     S.log(STAGE, eval_len.summary("validation"))
+    S.checkpointing_for_memory(args, policy.model, STAGE, longest=train_len.max_tokens_seen)
 
     def full_metrics(logits, label_ids, threshold=None):
         return CM.classification_metrics(probabilities(logits, multi), _truth(label_ids, multi), labels,

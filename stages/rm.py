@@ -37,12 +37,12 @@ def train(run):
 
     args, data = run.args, run.data
     policy = build_policy(args.model, args.policy, args.training, task="seq_cls", num_labels=1)
-    S.checkpointing_for_memory(args, policy.model, STAGE, rows_per_example=2)
 
     max_len, on_long = args.training.max_length, args.data.on_long
     train_ds, train_len = S.encode_split(encode_preference, data, "train", policy.tokenizer, args, STAGE,
                                          max_length=max_len, on_long=on_long)
     S.log(STAGE, train_len.summary("train"))
+    S.checkpointing_for_memory(args, policy.model, STAGE, rows_per_example=2, longest=train_len.max_tokens_seen)
     eval_ds = eval_len = None
     if data.eval is not None and len(data.eval):
         eval_ds, eval_len = S.encode_split(encode_preference, data, "eval", policy.tokenizer, args, STAGE,

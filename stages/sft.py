@@ -61,12 +61,12 @@ def train(run):
     t = args.training
     if args.run.group_by_length and not (t.padding_free or t.packing) and "train_sampling_strategy" not in args.explicit:
         t.train_sampling_strategy = "group_by_length"  # padded batches of similar lengths: ~40% less padding
-    S.checkpointing_for_memory(args, policy.model, STAGE)
 
     max_len, d = args.training.max_length, args.data
     train_ds, train_len = S.encode_split(encode_sft, data, "train", policy.tokenizer, args, STAGE, max_length=max_len,
                                          loss_on=d.loss_on, on_long=d.on_long, source="train")
     S.log(STAGE, train_len.summary("train"))
+    S.checkpointing_for_memory(args, policy.model, STAGE, longest=train_len.max_tokens_seen)
     eval_ds = eval_len = None
     if data.eval is not None and len(data.eval):
         eval_ds, eval_len = S.encode_split(encode_sft, data, "eval", policy.tokenizer, args, STAGE, max_length=max_len,

@@ -1,11 +1,15 @@
 """Activation memory planned against `memory_budget_gb`: selective checkpointing, exact gradients."""
 import types
+from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from stages.core import runtime
 from stages.core.memory import SelectiveCheckpointing, decoder_layers, keep_activations
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def smollm2_shape():
@@ -135,3 +139,54 @@ def test_freed_activation_sized_blocks_go_back_to_the_system():
     assert applied == "True" and int(peak) - int(after) > 300
     _, peak, after = run("off")
     assert int(peak) - int(after) < 100  # the control: glibc's default keeps it
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
+def test_a_batch_trained_as_micro_batches_reaches_the_same_weights(stage, tiny_llama, tmp_path, monkeypatch):
+    """A worst-case batch over the budget trains as micro-batches of one example with gradient accumulation:
+    the same rows and loss per optimizer step, so the same weights as whole batches (within float order)."""
+    import importlib
+    import json
+
+    from safetensors.torch import load_file
+
+    from stages.core import stage as stage_helpers
+
+    monkeypatch.setattr(stage_helpers, "MIN_MICRO_BATCH_TOKENS", 0)  # tiny rows: split down to one example
+
+    data = [] if stage == "sft" else ["--datasets", "demo:preference"]
+    outs = {}
+    for split in ("true", "false"):
+        out = tmp_path / f"{stage}-{split}"
+        importlib.import_module(f"stages.{stage}").main(
+            ["--config", str(ROOT / f"recipes/tiny/{stage}.yaml"), "--model_name_or_path", str(tiny_llama), *data,
+             "--eval_datasets", "[]", "--validation_fraction", "0", "--max_train_rows", "16", "--max_steps", "2",
+             "--per_device_train_batch_size", "4", "--save_strategy", "no", "--eval_strategy", "no",
+             "--precision", "fp32", "--lora_dropout", "0", "--memory_budget_gb", "1e-6",
+             "--micro_batches_for_memory", split, "--report_to", "none", "--output_dir", str(out),
+             *(["--compare_with_base", "false"] if stage == "sft" else [])])
+        derived = json.loads((out / "manifest.json").read_text())["derived"]
+        outs[split] = (derived["per_device_train_batch_size"], derived["gradient_accumulation_steps"],
+                       load_file(next(out.glob("*.safetensors"))))
+    assert outs["true"][:2] == (1, 4) and outs["false"][:2] == (4, 1)
+    split, whole = outs["true"][2], outs["false"][2]
+    assert split.keys() == whole.keys()
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_micro_batch_is_the_largest_divisor_that_fits_the_budget_or_the_token_floor_hand_computed():
+    from stages.core.stage import split_batch_for_memory
+
+    def split(batch, row_tokens, budget_gib):
+        t = types.SimpleNamespace(per_device_train_batch_size=batch, gradient_accumulation_steps=2)
+        split_batch_for_memory(types.SimpleNamespace(training=t), types.SimpleNamespace(config=smollm2_shape()),
+                               "test", row_tokens, int(budget_gib * 2**30))
+        return t.per_device_train_batch_size, t.gradient_accumulation_steps
+
+    # SmolLM2-135M keeps 2.53 MB per token (40 B x 2,112 x 30 layers): 1 GiB holds 423 tokens
+    assert split(8, 768, 1.0) == (1, 16)   # reward pairs at 384: one pair (768 tokens) per micro-batch
+    assert split(4, 512, 1.0) == (2, 4)    # SFT rows at 512: two rows are 1,024 tokens, the floor
+    assert split(8, 130, 1.0) == (4, 4)    # short rows: 4 x 130 = 520 <= 1,024, 8 x 130 is over both
+    assert split(8, 768, 8.0) == (4, 4)    # 8 GiB holds 3,389 tokens: four pairs (3,072), not eight (6,144)
+    assert split(3, 768, 1.0) == (1, 6)    # a batch of 3 splits into ones: divisors only

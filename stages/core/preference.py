@@ -54,7 +54,6 @@ def train(run):
     policy = build_policy(args.model, args.policy, args.training)
     if name == "dpo" and "precompute_ref_log_probs" not in args.explicit:  # derived: not in the fingerprint
         args.training.precompute_ref_log_probs = precompute_pays_off(args.training, data.eval is not None and len(data.eval) > 0)
-    S.checkpointing_for_memory(args, policy.model, name, rows_per_example=2)
 
     max_len, on_long = args.training.max_length, args.data.on_long
     splits, lengths = {}, {}
@@ -67,6 +66,7 @@ def train(run):
         S.log(name, report.summary(split))
         splits[split] = encoded if pretokenize else _conversational_rows(rows)
         lengths[split] = report.to_dict()
+    S.checkpointing_for_memory(args, policy.model, name, rows_per_example=2, longest=lengths["train"]["max_tokens_seen"])
     if not pretokenize:
         S.log(name, f"{name}: TRL tokenises these rows itself and truncates long ones by its own rule; counts above")
 

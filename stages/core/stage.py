@@ -144,16 +144,23 @@ def encode_split(fn, data, split: str, tokenizer, args: ParsedArgs, stage: str, 
                          enabled=args.data.tokenized_cache, log=lambda m: log(stage, m), **settings)
 
 
-def checkpointing_for_memory(args: ParsedArgs, model, stage: str, *, rows_per_example: int = 1) -> None:
-    """On CPU, plan activation memory against `memory_budget_gb`: when a worst-case micro-batch (every row
-    at max_length) would not fit, checkpointing goes on, and each training batch then checkpoints only as
-    many layers as its own tokens need (stages/core/memory.py). GPUs and an explicit
+def checkpointing_for_memory(args: ParsedArgs, model, stage: str, *, rows_per_example: int = 1,
+                             longest: int | None = None) -> None:
+    """On CPU, plan activation memory against `memory_budget_gb`: when a worst-case batch (every row as long
+    as the longest training row, `longest` tokens before truncation, or max_length) would not fit, it is first
+    split into micro-batches (`split_batch_for_memory`), then checkpointing goes on, and each training forward
+    checkpoints only as many layers as its own tokens need (stages/core/memory.py). GPUs and an explicit
     `gradient_checkpointing` keep the recipe's choice."""
     t = args.training
     if runtime.cuda_available() or "gradient_checkpointing" in args.explicit or t.gradient_checkpointing:
         return
-    tokens = t.per_device_train_batch_size * (t.max_length or 1024) * rows_per_example
     budget = runtime.memory_budget(args.run.memory_budget_gb)
+    row_tokens = min(t.max_length or 1024, longest or t.max_length or 1024) * rows_per_example
+    if runtime.activation_bytes(model.config, t.per_device_train_batch_size * row_tokens) <= budget:
+        return  # a worst-case batch fits: nothing to split or recompute
+    if args.run.micro_batches_for_memory:
+        split_batch_for_memory(args, model, stage, row_tokens, budget)
+    tokens = t.per_device_train_batch_size * row_tokens
     keep = runtime.layers_without_checkpointing(model.config, tokens, budget)
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     layers = getattr(cfg, "num_hidden_layers", 0) or 0
@@ -166,6 +173,28 @@ def checkpointing_for_memory(args: ParsedArgs, model, stage: str, *, rows_per_ex
     log(stage, f"selective checkpointing: a worst-case batch ({tokens} tokens, ~{need:.1f} GiB of activations) "
                f"checkpoints {layers - keep} of {layers} layers, shorter batches fewer, to stay within the "
                f"{budget / 2**30:.1f} GiB memory budget (memory_budget_gb; gradient_checkpointing: false turns it off)")
+
+
+MIN_MICRO_BATCH_TOKENS = 1024  # below this a CPU forward is dominated by per-op overhead, not matmuls
+
+
+def split_batch_for_memory(args: ParsedArgs, model, stage: str, row_tokens: int, budget: int) -> None:
+    """Train a batch whose worst case would not fit `budget` as micro-batches: the largest divisor of
+    `per_device_train_batch_size` whose worst case fits the budget or is at most MIN_MICRO_BATCH_TOKENS
+    tokens (at least one example), with gradient accumulation multiplied to match. Every optimizer step sees the same rows and the same loss (a mean over the whole
+    batch: transformers normalises accumulated losses by the batch's items), but each forward holds fewer
+    activations and pads only to its own longest row (tests/test_memory_budget.py)."""
+    t = args.training
+    batch = t.per_device_train_batch_size
+    fits = [m for m in range(1, batch + 1) if batch % m == 0 and (
+        m * row_tokens <= MIN_MICRO_BATCH_TOKENS or runtime.activation_bytes(model.config, m * row_tokens) <= budget)]
+    micro = max(fits, default=1)
+    if micro == batch:
+        return
+    t.per_device_train_batch_size, t.gradient_accumulation_steps = micro, t.gradient_accumulation_steps * (batch // micro)
+    log(stage, f"micro-batches: each batch of {batch} trains as {batch // micro} micro-batches of {micro} "
+               f"(gradient_accumulation_steps {t.gradient_accumulation_steps}; same rows and loss per step, less memory "
+               f"and padding; micro_batches_for_memory: false keeps whole batches)")
 
 
 def fast_path_flags(args: ParsedArgs) -> dict:
