@@ -42,7 +42,8 @@ def train(run):
     train_ds, train_len = S.encode_split(encode_preference, data, "train", policy.tokenizer, args, STAGE,
                                          max_length=max_len, on_long=on_long)
     S.log(STAGE, train_len.summary("train"))
-    S.checkpointing_for_memory(args, policy.model, STAGE, rows_per_example=2, longest=train_len.max_tokens_seen)
+    S.checkpointing_for_memory(args, policy.model, STAGE, rows_per_example=2, longest=train_len.max_tokens_seen,
+                               split_exact=True)
     eval_ds = eval_len = None
     if data.eval is not None and len(data.eval):
         eval_ds, eval_len = S.encode_split(encode_preference, data, "eval", policy.tokenizer, args, STAGE,

@@ -66,7 +66,7 @@ def train(run):
     train_ds, train_len = S.encode_split(encode_sft, data, "train", policy.tokenizer, args, STAGE, max_length=max_len,
                                          loss_on=d.loss_on, on_long=d.on_long, source="train")
     S.log(STAGE, train_len.summary("train"))
-    S.checkpointing_for_memory(args, policy.model, STAGE, longest=train_len.max_tokens_seen)
+    S.checkpointing_for_memory(args, policy.model, STAGE, longest=train_len.max_tokens_seen, split_exact=True)
     eval_ds = eval_len = None
     if data.eval is not None and len(data.eval):
         eval_ds, eval_len = S.encode_split(encode_sft, data, "eval", policy.tokenizer, args, STAGE, max_length=max_len,

@@ -165,11 +165,11 @@ def test_a_batch_trained_as_micro_batches_reaches_the_same_weights(stage, tiny_l
              "--precision", "fp32", "--lora_dropout", "0", "--memory_budget_gb", "1e-6",
              "--micro_batches_for_memory", split, "--report_to", "none", "--output_dir", str(out),
              *(["--compare_with_base", "false"] if stage == "sft" else [])])
-        derived = json.loads((out / "manifest.json").read_text())["derived"]
-        outs[split] = (derived["per_device_train_batch_size"], derived["gradient_accumulation_steps"],
-                       load_file(next(out.glob("*.safetensors"))))
-    assert outs["true"][:2] == (1, 4) and outs["false"][:2] == (4, 1)
-    split, whole = outs["true"][2], outs["false"][2]
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["config"]["training"]["per_device_train_batch_size"] == 4  # the recipe's, either way
+        outs[split] = (manifest["derived"].get("micro_batch"), load_file(next(out.glob("*.safetensors"))))
+    assert outs["true"][0] == {"micro_batch_size": 1, "gradient_accumulation_steps": 4} and outs["false"][0] is None
+    split, whole = outs["true"][1], outs["false"][1]
     assert split.keys() == whole.keys()
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-5, msg=name)
@@ -190,3 +190,15 @@ def test_micro_batch_is_the_largest_divisor_that_fits_the_budget_or_the_token_fl
     assert split(8, 130, 1.0) == (4, 4)    # short rows: 4 x 130 = 520 <= 1,024, 8 x 130 is over both
     assert split(8, 768, 8.0) == (4, 4)    # 8 GiB holds 3,389 tokens: four pairs (3,072), not eight (6,144)
     assert split(3, 768, 1.0) == (1, 6)    # a batch of 3 splits into ones: divisors only
+
+
+def test_only_losses_that_are_means_over_pairs_are_split_into_micro_batches():
+    from stages.core.preference import loss_is_a_mean_over_pairs
+
+    def dpo(loss_type, rpo_alpha=None):
+        return types.SimpleNamespace(loss_type=loss_type, rpo_alpha=rpo_alpha)
+
+    assert loss_is_a_mean_over_pairs("dpo", dpo(["sigmoid"])) and loss_is_a_mean_over_pairs("dpo", dpo(["ipo", "hinge"]))
+    assert not loss_is_a_mean_over_pairs("dpo", dpo(["sigmoid", "sft"]))  # token mean per batch
+    assert not loss_is_a_mean_over_pairs("dpo", dpo(["sigmoid"], rpo_alpha=1.0))  # adds a token-mean NLL
+    assert not loss_is_a_mean_over_pairs("kto", dpo(["kto"])) and not loss_is_a_mean_over_pairs("orpo", dpo(["sigmoid"]))

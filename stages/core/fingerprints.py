@@ -20,7 +20,7 @@ from . import artifacts
 
 # never part of a fingerprint: where things are written, how they are shown, what the machine decided
 VOLATILE = {"output_dir", "logging_dir", "resume_from_checkpoint", "report_to", "disable_tqdm", "force",
-            "keep_checkpoints", "num_threads", "memory_budget_gb", "return_freed_memory", "micro_batches_for_memory", "logging_steps", "logging_first_step", "push_to_hub",
+            "keep_checkpoints", "num_threads", "memory_budget_gb", "return_freed_memory", "logging_steps", "logging_first_step", "push_to_hub",
             "hub_token", "hub_model_id", "dataloader_num_workers", "save_total_limit", "run_name", "use_cpu", "verbose",
             # where the rollout server runs and how long to wait for it (use_vllm and vllm_mode do count)
             "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout", "vllm_executable",

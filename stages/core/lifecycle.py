@@ -243,12 +243,17 @@ class StageRun:
         from .config import to_plain
 
         a = self.args
+        config = {name: to_plain(g) for name, g in a.groups.items()}
+        derived = runtime.derived_choices(a.training)
+        split = a.__dict__.get("micro_batch")
+        if split:  # the recipe's batch in `config` (lineage, cards, reports); how it was trained in `derived`
+            config["training"].update(split["recipe"])
+            derived["micro_batch"] = {k: v for k, v in split.items() if k != "recipe"}
         return {
             "fingerprint": self.fingerprint, "inputs": self.components,
             "base_model": policy.base_model, "parent": artifacts.parent_info(policy.source),
             "merged_adapter": policy.merged_adapter, "peft_method": policy.method, "trainable": summary,
-            "config": {name: to_plain(g) for name, g in a.groups.items()},
-            "derived": runtime.derived_choices(a.training), "recipe_path": a.config_path, "command": a.command,
+            "config": config, "derived": derived, "recipe_path": a.config_path, "command": a.command,
             "data": self.data.report.to_dict() if self.data is not None else None,
             "packages": artifacts.package_versions(), "git_commit": artifacts.git_commit(), **extra}
 

@@ -13,7 +13,17 @@ from . import stage as S
 
 
 PRETOKENIZED = {"dpo"}  # our truncation rule applied before TRL sees the rows (KTO/ORPO/CPO tokenise themselves)
+# DPO losses that are a mean of per-pair terms: gradient accumulation over micro-batches gives the same loss
+# (the `sft` term is a token mean per batch, `aot` sorts within the batch, `bco_pair` keeps a running mean)
+PER_PAIR_DPO_LOSSES = {"sigmoid", "hinge", "ipo", "robust"}
 REFERENCE_FREE = {"orpo", "cpo"}  # no reference model at all (CPO's loss_type simpo is SimPO)
+
+
+def loss_is_a_mean_over_pairs(name: str, training) -> bool:
+    """Whether a batch may train as micro-batches without changing the loss (stage.checkpointing_for_memory):
+    DPO with per-pair losses only. KTO estimates its KL term per batch; ORPO and CPO add a token-mean NLL."""
+    losses = training.loss_type if isinstance(training.loss_type, (list, tuple)) else [training.loss_type]
+    return name == "dpo" and {getattr(x, "value", x) for x in losses} <= PER_PAIR_DPO_LOSSES and getattr(training, "rpo_alpha", None) is None
 
 
 def _conversational_rows(dataset):
@@ -66,7 +76,8 @@ def train(run):
         S.log(name, report.summary(split))
         splits[split] = encoded if pretokenize else _conversational_rows(rows)
         lengths[split] = report.to_dict()
-    S.checkpointing_for_memory(args, policy.model, name, rows_per_example=2, longest=lengths["train"]["max_tokens_seen"])
+    S.checkpointing_for_memory(args, policy.model, name, rows_per_example=2, longest=lengths["train"]["max_tokens_seen"],
+                               split_exact=loss_is_a_mean_over_pairs(name, args.training))
     if not pretokenize:
         S.log(name, f"{name}: TRL tokenises these rows itself and truncates long ones by its own rule; counts above")
 

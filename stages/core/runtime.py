@@ -166,7 +166,7 @@ def is_main_process() -> bool:
 
 def derived_choices(training_args) -> dict:
     """What the stage decided from the machine: recorded in the manifest, never part of the fingerprint."""
-    keys = ("bf16", "fp16", "use_cpu", "gradient_checkpointing", "per_device_train_batch_size", "gradient_accumulation_steps", "padding_free", "precompute_ref_log_probs", "train_sampling_strategy",
+    keys = ("bf16", "fp16", "use_cpu", "gradient_checkpointing", "padding_free", "precompute_ref_log_probs", "train_sampling_strategy",
             "attn_implementation")
     out = {k: getattr(training_args, k) for k in keys if hasattr(training_args, k)}
     out.update(device="cuda" if cuda_available() else "cpu", threads=torch.get_num_threads(),

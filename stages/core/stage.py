@@ -145,20 +145,27 @@ def encode_split(fn, data, split: str, tokenizer, args: ParsedArgs, stage: str, 
 
 
 def checkpointing_for_memory(args: ParsedArgs, model, stage: str, *, rows_per_example: int = 1,
-                             longest: int | None = None) -> None:
+                             longest: int | None = None, split_exact: bool = False) -> None:
     """On CPU, plan activation memory against `memory_budget_gb`: when a worst-case batch (every row as long
     as the longest training row, `longest` tokens before truncation, or max_length) would not fit, it is first
     split into micro-batches (`split_batch_for_memory`), then checkpointing goes on, and each training forward
     checkpoints only as many layers as its own tokens need (stages/core/memory.py). GPUs and an explicit
-    `gradient_checkpointing` keep the recipe's choice."""
+    `gradient_checkpointing` keep the recipe's choice. `split_exact`: the stage's loss is a mean over the whole
+    batch's examples (or labelled tokens) under gradient accumulation, so splitting cannot change it; losses
+    estimated per batch (KTO's KL term, ORPO/CPO's token-mean NLL, classification's plain mean) are never split."""
     t = args.training
     if runtime.cuda_available() or "gradient_checkpointing" in args.explicit or t.gradient_checkpointing:
         return
     budget = runtime.memory_budget(args.run.memory_budget_gb)
-    row_tokens = min(t.max_length or 1024, longest or t.max_length or 1024) * rows_per_example
+    if getattr(t, "packing", False) or not longest:  # packed rows fill max_length
+        row = t.max_length or 1024
+    else:
+        row = min(t.max_length, longest) if t.max_length else longest
+    row_tokens = row * rows_per_example
     if runtime.activation_bytes(model.config, t.per_device_train_batch_size * row_tokens) <= budget:
         return  # a worst-case batch fits: nothing to split or recompute
-    if args.run.micro_batches_for_memory:
+    distributed = getattr(t, "deepspeed", None) or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    if args.run.micro_batches_for_memory and split_exact and not distributed:  # DeepSpeed fixed its batch already
         split_batch_for_memory(args, model, stage, row_tokens, budget)
     tokens = t.per_device_train_batch_size * row_tokens
     keep = runtime.layers_without_checkpointing(model.config, tokens, budget)
@@ -191,6 +198,10 @@ def split_batch_for_memory(args: ParsedArgs, model, stage: str, row_tokens: int,
     micro = max(fits, default=1)
     if micro == batch:
         return
+    args.__dict__["micro_batch"] = {"recipe": {"per_device_train_batch_size": batch,
+                                               "gradient_accumulation_steps": t.gradient_accumulation_steps},
+                                    "micro_batch_size": micro,
+                                    "gradient_accumulation_steps": t.gradient_accumulation_steps * (batch // micro)}
     t.per_device_train_batch_size, t.gradient_accumulation_steps = micro, t.gradient_accumulation_steps * (batch // micro)
     log(stage, f"micro-batches: each batch of {batch} trains as {batch // micro} micro-batches of {micro} "
                f"(gradient_accumulation_steps {t.gradient_accumulation_steps}; same rows and loss per step, less memory "
