@@ -22,8 +22,10 @@ REFERENCE_FREE = {"orpo", "cpo"}  # no reference model at all (CPO's loss_type s
 def loss_is_a_mean_over_pairs(name: str, training) -> bool:
     """Whether a batch may train as micro-batches without changing the loss (stage.checkpointing_for_memory):
     DPO with per-pair losses only. KTO estimates its KL term per batch; ORPO and CPO add a token-mean NLL."""
+    if name != "dpo":
+        return False
     losses = training.loss_type if isinstance(training.loss_type, (list, tuple)) else [training.loss_type]
-    return name == "dpo" and {getattr(x, "value", x) for x in losses} <= PER_PAIR_DPO_LOSSES and getattr(training, "rpo_alpha", None) is None
+    return {getattr(x, "value", x) for x in losses} <= PER_PAIR_DPO_LOSSES and getattr(training, "rpo_alpha", None) is None
 
 
 def _conversational_rows(dataset):
