@@ -26,9 +26,9 @@ def test_budget_keeps_as_many_layers_as_fit_hand_computed():
     assert runtime.layers_without_checkpointing(smollm2_shape(), 2048, int(0.1 * 2**30)) == 0
 
 
-def test_default_budget_is_a_quarter_of_available_memory_at_most_one_gib():
-    assert runtime.memory_budget(None, available=2 * 2**30) == 2**29
-    assert runtime.memory_budget(None, available=64 * 2**30) == 2**30
+def test_default_budget_is_a_quarter_of_available_memory_at_most_half_a_gib():
+    assert runtime.memory_budget(None, available=1 * 2**30) == 2**28
+    assert runtime.memory_budget(None, available=64 * 2**30) == 2**29
     assert runtime.memory_budget(3.5) == int(3.5 * 2**30)
 
 

@@ -137,7 +137,7 @@ class RunArguments:
     verbose: bool = field(default=False, metadata={"help": "Show every third-party warning, the known-harmless ones too (stages/core/noise.py)."})
     compact_lm_head: bool = field(default=True, metadata={"help": "CPU fast path: score only labelled positions in TRL's SFT/DPO LM head (false: TRL's own)."})
     bf16_frozen_weights: bool = field(default=True, metadata={"help": "CPU fast path: keep frozen base weights in bf16 under bf16 autocast (false: fp32)."})
-    memory_budget_gb: float | None = field(default=None, metadata={"help": "CPU: GiB the activations kept for backward may take; layers beyond it are checkpointed (default: a quarter of the available memory, at most 1)."})
+    memory_budget_gb: float | None = field(default=None, metadata={"help": "CPU: GiB the activations kept for backward may take; layers beyond it are checkpointed (default: a quarter of the available memory, at most 0.5)."})
     micro_batches_for_memory: bool = field(default=True, metadata={"help": "CPU: a batch whose worst case would not fit memory_budget_gb trains as micro-batches with gradient accumulation (same rows and loss per step; less memory and padding)."})
     return_freed_memory: bool = field(default=False, metadata={"help": "CPU, memory over speed: glibc returns freed tensor memory to the system (a fixed 1 MiB mmap threshold) instead of keeping a fragmented heap. Real-length reward model: peak RSS 0.61x, step time 2.3x."})
     group_by_length: bool = field(default=True, metadata={"help": "Batch rows of similar length together (less padding; TRL's train_sampling_strategy=group_by_length). SFT only."})

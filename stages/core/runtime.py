@@ -92,13 +92,15 @@ def available_memory() -> int | None:
     return None
 
 
-DEFAULT_BUDGET_SHARE, DEFAULT_BUDGET_CAP = 0.25, 2**30
+DEFAULT_BUDGET_SHARE, DEFAULT_BUDGET_CAP = 0.25, 2**29
 
 
 def memory_budget(requested_gb: float | None, available: int | None = None) -> int:
     """Bytes the activations kept for backward may take: the recipe's `memory_budget_gb`, else a quarter of
-    the available memory, at most 1 GiB. A fixed, modest default keeps a stage's footprint near its peers'
-    (TRL and LLaMA-Factory checkpoint every layer) instead of growing into whatever RAM is free."""
+    the available memory, at most 0.5 GiB. A fixed, modest default keeps a stage's footprint below its peers'
+    (TRL and LLaMA-Factory checkpoint every layer) instead of growing into whatever RAM is free; with
+    micro-batches (stage.split_batch_for_memory) it holds a large part of each forward's layers anyway
+    (real-length reward pairs: 1 GiB -> 0.5 GiB cut peak RSS 3.44 -> 2.90 GB for 1.09x the step time)."""
     if requested_gb is not None:
         return int(requested_gb * 2**30)
     available = available_memory() if available is None else available
