@@ -117,3 +117,12 @@ def test_hardware_defaults_see_command_line_values(tmp_path):
     assert fp32.training.bf16 is False
     mine = parse_stage(_sft_config(), ["--config", r, "--attn_implementation", "sdpa"])
     assert mine.model.attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("where", ["recipe", "command line"])
+def test_eval_strategy_no_turns_evaluation_and_its_saving_default_off(tmp_path, where):
+    """YAML reads a bare `no` as false; the saving default copied from it must still be the strategy "no"."""
+    recipe = "model_name_or_path: m\noutput_dir: out\n" + ("eval_strategy: no\n" if where == "recipe" else "")
+    argv = ["--config", write(tmp_path, recipe)] + (["--eval_strategy", "no"] if where == "command line" else [])
+    args = parse_stage(_sft_config(), argv)
+    assert str(args.training.eval_strategy.value) == "no" and str(args.training.save_strategy.value) == "no"

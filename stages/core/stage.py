@@ -28,6 +28,9 @@ def groups_for(config_cls) -> dict:
 
 def _adjust(recipe: dict, explicit: set[str]) -> None:
     """Hardware-dependent defaults plus evaluation/saving defaults that suit a validated, resumable stage."""
+    for key in ("eval_strategy", "save_strategy", "logging_strategy"):
+        if recipe.get(key) is False:  # YAML reads a bare `no` (recipe or `--eval_strategy no`) as false
+            recipe[key] = "no"
     runtime.adjust_training_defaults(recipe, explicit)
     has_eval = bool(recipe.get("eval_datasets") or recipe.get("validation_fraction", 0.1) or recipe.get("validation_size")
                     or recipe.get("test_split_size"))
