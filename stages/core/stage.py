@@ -191,21 +191,21 @@ MIN_MICRO_BATCH_TOKENS = 1024  # below this a CPU forward is dominated by per-op
 def split_batch_for_memory(args: ParsedArgs, model, stage: str, row_tokens: int, budget: int) -> None:
     """Train a batch whose worst case would not fit `budget` as micro-batches: the largest divisor of
     `per_device_train_batch_size` whose worst case fits the budget or is at most MIN_MICRO_BATCH_TOKENS
-    tokens (at least one example), with gradient accumulation multiplied to match. Every optimizer step sees the same rows and the same loss (a mean over the whole
-    batch: transformers normalises accumulated losses by the batch's items), but each forward holds fewer
-    activations and pads only to its own longest row (tests/test_memory_budget.py)."""
+    tokens (at least one example), with gradient accumulation multiplied to match. Every optimizer step sees
+    the same rows and the same loss (a mean over the whole batch: transformers normalises accumulated losses
+    by the batch's items), but each forward holds fewer activations and pads only to its own longest row
+    (tests/test_memory_budget.py). The recipe's values are kept for the manifest (`args.micro_batch`)."""
     t = args.training
-    batch = t.per_device_train_batch_size
+    batch, accumulation = t.per_device_train_batch_size, t.gradient_accumulation_steps
     fits = [m for m in range(1, batch + 1) if batch % m == 0 and (
         m * row_tokens <= MIN_MICRO_BATCH_TOKENS or runtime.activation_bytes(model.config, m * row_tokens) <= budget)]
     micro = max(fits, default=1)
     if micro == batch:
         return
-    args.__dict__["micro_batch"] = {"recipe": {"per_device_train_batch_size": batch,
-                                               "gradient_accumulation_steps": t.gradient_accumulation_steps},
-                                    "micro_batch_size": micro,
-                                    "gradient_accumulation_steps": t.gradient_accumulation_steps * (batch // micro)}
-    t.per_device_train_batch_size, t.gradient_accumulation_steps = micro, t.gradient_accumulation_steps * (batch // micro)
+    t.per_device_train_batch_size, t.gradient_accumulation_steps = micro, accumulation * (batch // micro)
+    args.__dict__["micro_batch"] = {
+        "recipe": {"per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulation},
+        "micro_batch_size": micro, "gradient_accumulation_steps": t.gradient_accumulation_steps}
     log(stage, f"micro-batches: each batch of {batch} trains as {batch // micro} micro-batches of {micro} "
                f"(gradient_accumulation_steps {t.gradient_accumulation_steps}; same rows and loss per step, less memory "
                f"and padding; micro_batches_for_memory: false keeps whole batches)")
