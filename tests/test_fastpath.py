@@ -83,6 +83,31 @@ def test_bf16_frozen_weights_casts_only_frozen_linears_and_keeps_autocast_result
     assert plain.dtype == torch.float32 and torch.allclose(plain, before, atol=0.05)
 
 
+@pytest.mark.skipif(not fastpath._file_mappings(), reason="needs /proc/self/maps (Linux)")
+def test_bf16_frozen_weights_releases_the_memory_mapped_weights_file(tiny_qwen2):
+    """The fp32 tensors transformers loads are views of the mapped safetensors file; after the cast none
+    may point into it, or every page the cast read stays resident (0.4 GB on SmolLM2-135M)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2)  # tied embeddings, like SmolLM2
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    base = model.get_base_model()
+
+    def mapped():
+        ranges = fastpath._file_mappings()
+        return [n for n, t in [*base.named_parameters(), *base.named_buffers()]
+                if any(a <= t.untyped_storage().data_ptr() < b for a, b in ranges)]
+
+    assert mapped(), "precondition: transformers maps the weights file"
+    assert base.get_output_embeddings().weight is base.get_input_embeddings().weight
+    ids, attn, _ = batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(input_ids=ids, attention_mask=attn).logits.float()
+    bf16_frozen_weights(base)
+    assert mapped() == []
+    assert base.get_output_embeddings().weight is base.get_input_embeddings().weight  # still tied
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=attn).logits.float(), before)
+
+
 def _patched(path, outputs=("log_probs", "entropy", "mean_logits", "is_top1")):
     model = AutoModelForCausalLM.from_pretrained(path)
     add_fused_lm_head(model, outputs=outputs)
