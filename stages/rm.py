@@ -44,6 +44,7 @@ def train(run):
     S.log(STAGE, train_len.summary("train"))
     S.checkpointing_for_memory(args, policy.model, STAGE, rows_per_example=2, longest=train_len.max_tokens_seen,
                                split_exact=True)
+    S.pad_lengths_for_reuse(args, STAGE)
     eval_ds = eval_len = None
     if data.eval is not None and len(data.eval):
         eval_ds, eval_len = S.encode_split(encode_preference, data, "eval", policy.tokenizer, args, STAGE,

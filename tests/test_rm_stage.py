@@ -50,3 +50,33 @@ def test_long_pairs_are_truncated_and_counted_not_dropped(tiny_llama, tmp_path):
     lengths = m["metrics"]["lengths"]["train"]
     assert lengths["prompt_trimmed"] == lengths["over_limit"] >= 4 and lengths["dropped"] == 0
     assert lengths["rows"] == m["data"]["train_size"]
+
+
+def _collated_lengths(monkeypatch):
+    from trl.trainer import reward_trainer
+
+    seen = []
+    original = reward_trainer.DataCollatorForPreference.torch_call
+
+    def recording(self, examples):
+        batch = original(self, examples)
+        seen.append(batch["input_ids"].shape[1])
+        return batch
+
+    monkeypatch.setattr(reward_trainer.DataCollatorForPreference, "torch_call", recording)
+    return seen
+
+
+def test_cpu_batches_are_padded_to_a_multiple_of_32_unless_the_recipe_says(tiny_llama, tmp_path, monkeypatch):
+    """Fewer distinct tensor sizes keep glibc's heap from fragmenting (real pairs: 2.5 -> 1.8 GB peak)."""
+    train = write_jsonl(tmp_path / "train.jsonl", preference_rows(16, seed=0))
+    held = write_jsonl(tmp_path / "held.jsonl", preference_rows(4, seed=1))
+    seen = _collated_lengths(monkeypatch)
+    run_rm(tiny_llama, tmp_path / "default", train, held, "--max_steps", "2", "--save_strategy", "no")
+    assert seen and all(n % 32 == 0 for n in seen), seen
+    manifest = json.loads((tmp_path / "default" / "manifest.json").read_text())
+    assert manifest["config"]["training"]["pad_to_multiple_of"] == 32
+    seen.clear()
+    run_rm(tiny_llama, tmp_path / "explicit", train, held, "--max_steps", "2", "--save_strategy", "no",
+           "--pad_to_multiple_of", "7")
+    assert seen and all(n % 7 == 0 for n in seen) and any(n % 32 for n in seen), seen

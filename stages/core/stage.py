@@ -185,6 +185,24 @@ def checkpointing_for_memory(args: ParsedArgs, model, stage: str, *, rows_per_ex
                f"{budget / 2**30:.1f} GiB memory budget (memory_budget_gb; gradient_checkpointing: false turns it off)")
 
 
+PAD_MULTIPLE_FOR_REUSE = 32
+
+
+def pad_lengths_for_reuse(args: ParsedArgs, stage: str) -> None:
+    """On CPU, pad each batch to a multiple of 32 tokens unless the recipe sets `pad_to_multiple_of`. Batches
+    of random lengths (reward pairs, one per micro-batch) otherwise allocate activations of a new size every
+    step, and glibc's heap keeps the holes: real-length reward pairs grew from 1.7 to 2.5 GB over 10 steps,
+    and stayed at 1.8 GB padded to 32, at the same step time (README, Speed). Padding is masked: the
+    scores are unchanged."""
+    t = args.training
+    if runtime.cuda_available() or "pad_to_multiple_of" in args.explicit or getattr(t, "padding_free", False):
+        return
+    if getattr(t, "pad_to_multiple_of", None) is None:
+        t.pad_to_multiple_of = PAD_MULTIPLE_FOR_REUSE
+        log(stage, f"batches padded to a multiple of {PAD_MULTIPLE_FOR_REUSE} tokens (fewer distinct tensor sizes, "
+                   "less heap fragmentation on CPU; pad_to_multiple_of sets another)")
+
+
 MIN_MICRO_BATCH_TOKENS = 1024  # below this a CPU forward is dominated by per-op overhead, not matmuls
 
 
