@@ -18,8 +18,8 @@ def test_bench_measures_every_run_and_reports_ratios_and_targets(tiny_llama, tmp
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     report = json.loads(out.read_text())
     res = report["results"]
-    assert set(res) == {"matmul", "sft", "sft-trl", "dpo", "dpo-gc", "dpo-trl", "ppo-onebase",
-                        "ppo-full", "full-512", "sft-real", "sft-real-no-compact-head", "sft-real-no-bf16-weights",
+    assert set(res) == {"matmul", "sft", "sft-trl", "dpo", "dpo-gc", "dpo-trl", "ppo-onebase", "ppo-onebase-all-logits",
+                        "ppo-full", "full-512", "full-512-compile", "full-512-pure-bf16", "sft-real", "sft-real-no-compact-head", "sft-real-no-bf16-weights",
                         "sft-real-no-grouping", "sft-real-no-checkpointing", "sft-real-return-freed-memory",
                         "sft-real-trl", "rm-real", "rm-real-return-freed-memory", "rm-real-trl", "dpo-real", "dpo-real-trl"}
     # the real-length rows: every run saw fewer non-padding tokens per step than batch x max_length, and the

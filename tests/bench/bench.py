@@ -23,12 +23,14 @@ from pathlib import Path
 
 from workers import ROOT, SFT_VARIANTS, WARMUP, worker_main  # this folder is on sys.path when run as a script
 
-DEMO_RUNS = ["sft", "sft-trl", "dpo", "dpo-gc", "dpo-trl", "ppo-onebase", "ppo-full", "full-512"]
+DEMO_RUNS = ["sft", "sft-trl", "dpo", "dpo-gc", "dpo-trl", "ppo-onebase", "ppo-onebase-all-logits", "ppo-full", "full-512",
+             "full-512-compile", "full-512-pure-bf16"]
 REAL_RUNS = [*SFT_VARIANTS, "sft-real-trl", "rm-real", "rm-real-return-freed-memory", "rm-real-trl", "dpo-real",
              "dpo-real-trl"]
 RUNS = ["matmul", *DEMO_RUNS, *REAL_RUNS]
 PAIRS = {  # ours vs the baseline it is compared with
     "sft": "sft-trl", "dpo": "dpo-trl", "dpo-gc": "dpo-trl", "ppo-onebase": "ppo-full",
+    "ppo-onebase-all-logits": "ppo-onebase", "full-512-compile": "full-512", "full-512-pure-bf16": "full-512",
     "sft-real": "sft-real-trl", "rm-real": "rm-real-trl", "dpo-real": "dpo-real-trl",
     **{name: "sft-real" for name in SFT_VARIANTS if name != "sft-real"},  # each default off vs all on
     "rm-real-return-freed-memory": "rm-real",
@@ -127,6 +129,8 @@ def table(results: dict, targets: list[dict]) -> str:
             b = results[base]
             rel = (f"{base}: tokens/s x{r['tokens_per_s'] / b['tokens_per_s']:.2f}, step x{r['step_s'] / b['step_s']:.2f}, "
                    f"RSS x{r['peak_rss_gb'] / b['peak_rss_gb']:.2f}")
+            if name.startswith("full-512-") and r.get("train_loss_last_half") and b.get("train_loss_last_half"):
+                rel += f", train loss {r['train_loss_last_half']:.3f} vs {b['train_loss_last_half']:.3f}"
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
         lines.append(f"{name:<26} {r['step_s']:>8.2f} {r['tokens_per_s']:>9.1f} {r['peak_rss_gb']:>12.2f} {mfu:>6}  {rel}")
     if targets:

@@ -44,6 +44,7 @@ class StepTimer:
 
     def __init__(self):
         self.times, self.tokens, self.seqs, self._t0, self._tok = [], [], [], 0.0, 0
+        self.losses = []  # training loss per logged step: compares numerics (pure bf16 vs fp32 master)
         self.model_shape = None
         self.trainable = self.total = 0
 
@@ -86,6 +87,10 @@ class StepTimer:
         self.times.append(time.perf_counter() - self._t0)
         self.tokens.append(self._tok)
 
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+
     def summary(self, passes: float) -> dict:
         t, tok = self.times[WARMUP:] or self.times, self.tokens[WARMUP:] or self.tokens
         n, layers, hidden = self.model_shape
@@ -93,7 +98,8 @@ class StepTimer:
         tps = sum(tok) / sum(t)
         return {"steps": len(self.times), "timed_steps": len(t), "step_s": statistics.median(t),
                 "tokens_per_s": tps, "tokens_per_step": sum(tok) / len(tok), "mean_seq_len": seq, "trainable_params": self.trainable,
-                "total_params": self.total,
+                "total_params": self.total, "train_loss_last_half": statistics.mean(self.losses[len(self.losses) // 2:])
+                if self.losses else None,
                 "flops_per_token": flops_per_token(n, layers, hidden, seq / 2, passes), "matmul_params": n}
 
 
@@ -164,7 +170,7 @@ def w_matmul(spec) -> dict:
     return out
 
 
-def w_sft(spec, *, full512: bool = False) -> dict:
+def w_sft(spec, *, full512: bool = False, extra: tuple = ()) -> dict:
     from stages import sft
 
     timer = StepTimer()
@@ -174,9 +180,17 @@ def w_sft(spec, *, full512: bool = False) -> dict:
     if full512:  # full fine-tuning on multi-turn rows cut to exactly 512 tokens (no padding)
         data = long_conversations(Path(spec["tmp"]) / "long.jsonl")
         argv += ["--peft_method", "full", "--datasets", data, "--max_length", "512",
-                 "--per_device_train_batch_size", str(spec["full_batch"]), "--learning_rate", "1e-5"]
+                 "--per_device_train_batch_size", str(spec["full_batch"]), "--learning_rate", "1e-5", *extra]
     sft.main(argv)
     return timer.summary(passes=3.0 if full512 else 2.0)
+
+
+def w_full_pure_bf16(spec) -> dict:
+    """full-512 with bf16 weights and an fp32-master AdamW (pure_bf16.py); reports its training losses."""
+    import pure_bf16
+
+    pure_bf16.install()
+    return w_sft(spec, full512=True)
 
 
 def demo_rows(kind: str, n: int | None = None):
@@ -254,8 +268,19 @@ class UpdateTimer:
         self.logs.append(logs)
 
 
-def w_ppo(spec, *, mode: str) -> dict:
+def w_ppo(spec, *, mode: str, all_logits: bool = False) -> dict:
     from stages import ppo
+
+    if all_logits:  # the case without PPO's compact head: logits for every position, then the response slice
+        from stages.core.ppo import roles
+
+        def policy_logits(self, input_ids, attention_mask, position_ids, n_response, role="policy"):
+            with self.use(role):
+                out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False)
+            return out.logits[:, -n_response - 1:-1]
+
+        roles.ActorCritic.policy_logits = policy_logits
 
     timer = UpdateTimer()
     argv = ["--config", str(RECIPES / "ppo.yaml"), "--model_name_or_path", spec["model"],
@@ -408,7 +433,10 @@ def w_dpo_real_trl(spec) -> dict:
 WORKERS = {"matmul": w_matmul, "sft": w_sft, "sft-trl": w_sft_trl, "dpo": w_dpo, "dpo-trl": w_dpo_trl,
            "dpo-gc": lambda s: w_dpo(s, checkpointing=True),
            "rm-for-ppo": w_rm_for_ppo, "ppo-onebase": lambda s: w_ppo(s, mode="onebase"),
-           "ppo-full": lambda s: w_ppo(s, mode="full"), "full-512": lambda s: w_sft(s, full512=True),
+           "ppo-full": lambda s: w_ppo(s, mode="full"),
+           "ppo-onebase-all-logits": lambda s: w_ppo(s, mode="onebase", all_logits=True), "full-512": lambda s: w_sft(s, full512=True),
+           "full-512-compile": lambda s: w_sft(s, full512=True, extra=("--torch_compile", "true")),
+           "full-512-pure-bf16": w_full_pure_bf16,
            **{name: (lambda s, extra=extra: w_stage_real(s, "sft", "sft", 2.0, extra)) for name, extra in SFT_VARIANTS.items()},
            "sft-real-trl": w_sft_real_trl, "rm-real": lambda s: w_stage_real(s, "rm", "rm", 2.0),
            "rm-real-return-freed-memory": lambda s: w_stage_real(s, "rm", "rm", 2.0, ("--return_freed_memory", "true")),
