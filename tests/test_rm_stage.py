@@ -80,3 +80,25 @@ def test_cpu_batches_are_padded_to_a_multiple_of_32_unless_the_recipe_says(tiny_
     run_rm(tiny_llama, tmp_path / "explicit", train, held, "--max_steps", "2", "--save_strategy", "no",
            "--pad_to_multiple_of", "7")
     assert seen and all(n % 7 == 0 for n in seen) and any(n % 32 for n in seen), seen
+
+
+def test_padding_to_a_multiple_of_32_leaves_the_rewards_unchanged(tiny_llama):
+    """The reward is read at each row's last real token, so the pad tokens added for reuse change nothing."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from stages.core.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_llama))
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1).eval()
+    model.config.pad_token_id = tokenizer.pad_token_id
+    rows = [tokenizer("a short answer")["input_ids"], tokenizer("a somewhat longer answer than the other one")["input_ids"]]
+
+    def rewards(multiple):
+        batch = tokenizer.pad({"input_ids": rows}, pad_to_multiple_of=multiple, return_tensors="pt")
+        with torch.no_grad():
+            return batch["input_ids"].shape[1], model(**batch).logits.squeeze(-1)
+
+    (width, padded), (natural, plain) = rewards(32), rewards(None)
+    assert width % 32 == 0 and width > natural
+    torch.testing.assert_close(padded, plain)
