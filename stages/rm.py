@@ -42,9 +42,9 @@ def train(run):
     train_ds, train_len = S.encode_split(encode_preference, data, "train", policy.tokenizer, args, STAGE,
                                          max_length=max_len, on_long=on_long)
     S.log(STAGE, train_len.summary("train"))
-    S.checkpointing_for_memory(args, policy.model, STAGE, rows_per_example=2, longest=train_len.max_tokens_seen,
-                               split_exact=True)
     S.pad_lengths_for_reuse(args, STAGE)
+    S.checkpointing_for_memory(args, policy.model, STAGE, rows_per_example=2, split_exact=True,
+                               longest=S.padded_length(train_len.max_tokens_seen, args.training.pad_to_multiple_of))
     eval_ds = eval_len = None
     if data.eval is not None and len(data.eval):
         eval_ds, eval_len = S.encode_split(encode_preference, data, "eval", policy.tokenizer, args, STAGE,

@@ -13,6 +13,7 @@ Prints a table and writes OUT/results.json.
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -21,6 +22,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+def free_port() -> int:
+    """A port nothing listens on now, so a server left over from an earlier run is never the one answering."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main(argv=None) -> int:
@@ -52,7 +60,7 @@ def main(argv=None) -> int:
                     "--reward", '{"regex": "e"}', "--max_steps", str(a.steps), "--seed", str(seed), "--bf16", "false",
                     "--save_strategy", "no", "--report_to", "none"]
             if engine == "server":
-                argv += ["--use_vllm", "true", "--vllm_mode", "server", "--vllm_server_port", str(8100 + seed),
+                argv += ["--use_vllm", "true", "--vllm_mode", "server", "--vllm_server_port", str(free_port()),
                          "--vllm_executable", f"{venv}/bin/python -m vllm.entrypoints.openai.api_server"]
             elif engine == "colocate":
                 argv += ["--use_vllm", "true", "--vllm_mode", "colocate"]

@@ -262,7 +262,9 @@ def _file_mappings() -> list[tuple[int, int]]:
     ranges = []
     for line in lines:
         fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):  # inode, path
+        path = fields[5] if len(fields) == 6 else ""
+        # a file's inode and path; shared memory (/dev/shm, memfd) is meant to stay shared
+        if fields[4:5] != ["0"] and path.startswith("/") and not path.startswith(("/dev/", "/memfd:")):
             start, end = (int(x, 16) for x in fields[0].split("-"))
             ranges.append((start, end))
     return ranges

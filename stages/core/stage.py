@@ -203,6 +203,11 @@ def pad_lengths_for_reuse(args: ParsedArgs, stage: str) -> None:
                    "less heap fragmentation on CPU; pad_to_multiple_of sets another)")
 
 
+def padded_length(tokens: int | None, multiple: int | None) -> int | None:
+    """A row of `tokens` tokens as the collator pads it (to a multiple of `multiple`)."""
+    return -(-tokens // multiple) * multiple if tokens and multiple else tokens
+
+
 MIN_MICRO_BATCH_TOKENS = 1024  # below this a CPU forward is dominated by per-op overhead, not matmuls
 
 
