@@ -49,5 +49,5 @@ def test_ppo_learns_through_each_vllm_engine(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     runs = {x["engine"]: x for x in json.loads((tmp_path / "results.json").read_text())["runs"]}
     assert runs["server"]["rollout_engine"] == "vllm-server" and runs["colocate"]["rollout_engine"] == "vllm-colocate"
-    for engine, run in runs.items():
-        assert run["final"] >= run["start"] + 0.25, (engine, run)
+    for engine, figures in runs.items():
+        assert figures["final"] >= figures["start"] + 0.25, (engine, figures)
