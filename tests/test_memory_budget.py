@@ -18,12 +18,26 @@ def smollm2_shape():
 
 
 def test_budget_keeps_as_many_layers_as_fit_hand_computed():
-    # 40 bytes x (576 + 1536) x 2,048 tokens = 173,015,040 bytes per layer; 2 GiB holds 12 of them
-    assert runtime.layers_without_checkpointing(smollm2_shape(), 4 * 512, 2 * 2**30) == 12
-    # 1,024 tokens halve the per-layer cost: 24 layers; 64 GiB holds all 30; 0.1 GiB none
-    assert runtime.layers_without_checkpointing(smollm2_shape(), 2 * 512, 2 * 2**30) == 24
-    assert runtime.layers_without_checkpointing(smollm2_shape(), 2048, 64 * 2**30) == 30
-    assert runtime.layers_without_checkpointing(smollm2_shape(), 2048, int(0.1 * 2**30)) == 0
+    cfg = smollm2_shape()  # no attention implementation chosen: planned as eager, the costlier one
+    # per layer and token 1.25 x 14 bytes x (576 + 1536) = 36,960, plus 1.25 x 5.6 bytes x 9 heads = 63 per key:
+    # 4 rows of 512: 2,048 x (36,960 + 63 x 512) = 141,754,368 bytes per layer; 2 GiB holds 15 of them
+    assert runtime.layers_without_checkpointing(cfg, 4, 512, 2 * 2**30) == 15
+    assert runtime.layers_without_checkpointing(cfg, 8, 512, 2 * 2**30) == 7  # twice the rows: 283.5 MB
+    # the same 2,048 tokens as 2 rows of 1,024: the softmax grows with the length, 2,048 x 101,472: 10 layers
+    assert runtime.layers_without_checkpointing(cfg, 2, 1024, 2 * 2**30) == 10
+    assert runtime.layers_without_checkpointing(cfg, 4, 512, 64 * 2**30) == 30
+    assert runtime.layers_without_checkpointing(cfg, 4, 512, int(0.1 * 2**30)) == 0
+    # fp32 saves more per token (1.25 x 21 x 2,112 = 55,440) and less per key (4 bytes): 2,048 x 78,480 -> 13
+    assert runtime.layers_without_checkpointing(cfg, 4, 512, 2 * 2**30, half=False) == 13
+
+
+def test_fused_attention_costs_nothing_per_key_position():
+    cfg = smollm2_shape()
+    cfg._attn_implementation = "sdpa"
+    assert runtime.activation_rates(cfg) == (36960.0, 0.0)
+    # 2,048 x 36,960 = 75,694,080 bytes per layer: 2 GiB holds 28, whatever the row length
+    assert runtime.layers_without_checkpointing(cfg, 4, 512, 2 * 2**30) == 28
+    assert runtime.layers_without_checkpointing(cfg, 2, 1024, 2 * 2**30) == 28
 
 
 def test_default_budget_is_a_quarter_of_available_memory_at_most_half_a_gib():
@@ -77,6 +91,20 @@ def test_each_batch_checkpoints_only_as_many_layers_as_its_tokens_need(tiny_llam
     assert callback.kept == [len(layers), 1]
 
 
+def test_longer_rows_keep_fewer_layers_at_the_same_token_count_under_eager_attention(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model.train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    layers = decoder_layers(model)
+    # 40 tokens: 4 rows of 10 cost 40 x (100 + 10 x 10) = 8,000 per layer, 2 rows of 20 cost 40 x 300 = 12,000
+    callback = SelectiveCheckpointing(budget=16_000, bytes_per_token_and_layer=100.0, bytes_per_token_key_and_layer=10.0)
+    callback.on_train_begin(types.SimpleNamespace(gradient_checkpointing=True), None, None, model=model)
+    model(input_ids=torch.randint(3, 100, (4, 10)))
+    model(input_ids=torch.randint(3, 100, (2, 20)))
+    assert len(layers) == 2 and callback.kept == [2, 1]
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+
+
 def test_sft_stage_checkpoints_only_layers_over_budget(tiny_llama, tmp_path, monkeypatch):
     """A budget that holds one layer's activations of a worst-case batch: the rest are checkpointed."""
     import json
@@ -92,8 +120,8 @@ def test_sft_stage_checkpoints_only_layers_over_budget(tiny_llama, tmp_path, mon
         made.append(self)
 
     monkeypatch.setattr(memory.SelectiveCheckpointing, "__init__", spy)
-    cfg = AutoModelForCausalLM.from_pretrained(tiny_llama).config
-    one_layer = runtime.activation_bytes(cfg, 2 * 64) / cfg.num_hidden_layers
+    cfg = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="eager").config  # the CPU default
+    one_layer = runtime.activation_bytes(cfg, 2, 64) / cfg.num_hidden_layers  # bf16 rates: fp32's hold 1.05 layers
     out = sft.main(["--model_name_or_path", str(tiny_llama), "--datasets", "demo:sft", "--max_train_rows", "8",
                     "--eval_datasets", "[]", "--validation_fraction", "0", "--max_length", "64",
                     "--per_device_train_batch_size", "2", "--max_steps", "1", "--save_strategy", "no",
@@ -101,7 +129,8 @@ def test_sft_stage_checkpoints_only_layers_over_budget(tiny_llama, tmp_path, mon
                     "--memory_budget_gb", str(1.5 * one_layer / 2**30), "--peft_method", "lora"])
     assert len(made) == 1 and made[0].kept  # the plan ran on the training forward
     tokens = 2 * 64  # the demo rows exceed 64 tokens, so the batch is 2 x 64
-    assert made[0].kept == [memory.layers_to_keep(made[0].budget, made[0].per_token, tokens, cfg.num_hidden_layers)] == [1]
+    assert made[0].kept == [memory.layers_to_keep(made[0].budget, made[0].per_token, tokens, cfg.num_hidden_layers,
+                                                  made[0].per_key, 64)] == [1]
     derived = json.loads((out / "manifest.json").read_text())["derived"]
     assert derived["gradient_checkpointing"] is True and derived["train_sampling_strategy"] == "group_by_length"
 
@@ -178,18 +207,19 @@ def test_a_batch_trained_as_micro_batches_reaches_the_same_weights(stage, tiny_l
 def test_micro_batch_is_the_largest_divisor_that_fits_the_budget_or_the_token_floor_hand_computed():
     from stages.core.stage import split_batch_for_memory
 
-    def split(batch, row_tokens, budget_gib):
-        t = types.SimpleNamespace(per_device_train_batch_size=batch, gradient_accumulation_steps=2)
+    def split(batch, row, rows_per_example, budget_gib):
+        t = types.SimpleNamespace(per_device_train_batch_size=batch, gradient_accumulation_steps=2, bf16=True, fp16=False)
         split_batch_for_memory(types.SimpleNamespace(training=t), types.SimpleNamespace(config=smollm2_shape()),
-                               "test", row_tokens, int(budget_gib * 2**30))
+                               "test", row, rows_per_example, int(budget_gib * 2**30))
         return t.per_device_train_batch_size, t.gradient_accumulation_steps
 
-    # SmolLM2-135M keeps 2.53 MB per token (40 B x 2,112 x 30 layers): 1 GiB holds 423 tokens
-    assert split(8, 768, 1.0) == (1, 16)   # reward pairs at 384: one pair (768 tokens) per micro-batch
-    assert split(4, 512, 1.0) == (2, 4)    # SFT rows at 512: two rows are 1,024 tokens, the floor
-    assert split(8, 130, 1.0) == (4, 4)    # short rows: 4 x 130 = 520 <= 1,024, 8 x 130 is over both
-    assert split(8, 768, 8.0) == (4, 4)    # 8 GiB holds 3,389 tokens: four pairs (3,072), not eight (6,144)
-    assert split(3, 768, 1.0) == (1, 6)    # a batch of 3 splits into ones: divisors only
+    # SmolLM2-135M (eager) keeps 30 x (36,960 + 63 x length) bytes per token: a reward pair at 384 (768 tokens)
+    # is 1.41 GB, over 1 GiB but at the 1,024-token floor: one pair per micro-batch
+    assert split(8, 384, 2, 1.0) == (1, 16)
+    assert split(4, 512, 1, 1.0) == (2, 4)    # SFT rows at 512: two rows are 1,024 tokens, the floor; four 4.25 GB
+    assert split(8, 130, 1, 1.0) == (4, 4)    # short rows: 4 x 130 = 520 <= 1,024; 8 x 130 is 1.41 GB, over both
+    assert split(8, 384, 2, 8.0) == (4, 4)    # four pairs 5.64 GB fit 8 GiB (8.59 GB), eight (11.27 GB) do not
+    assert split(3, 384, 2, 1.0) == (1, 6)    # a batch of 3 splits into ones: divisors only
 
 
 def test_only_losses_that_are_means_over_pairs_are_split_into_micro_batches():

@@ -4,9 +4,10 @@ transformers checkpoints every decoder layer or none (or every n-th). Its layers
 (`GradientCheckpointingLayer`) each carry a `gradient_checkpointing` flag read at forward time, so once
 the Trainer has enabled checkpointing (before `on_train_begin`), turning the flag off on some layers
 keeps their activations and skips their recomputation. Here that choice is made per training forward,
-from the tokens the batch really holds: a short batch (length-grouped batches are mostly short) keeps
-every layer's activations and recomputes nothing, a worst-case batch checkpoints as many layers as
-needed to stay within `memory_budget_gb`. Exact: a checkpointed layer recomputes the same values
+from the rows the batch really holds (their count and padded length: eager attention's softmax grows with
+the square of the length): a short batch (length-grouped batches are mostly short) keeps every layer's
+activations and recomputes nothing, a worst-case batch checkpoints as many layers as needed to stay within
+`memory_budget_gb`. Exact: a checkpointed layer recomputes the same values
 (tests/test_memory_budget.py).
 """
 from __future__ import annotations
@@ -28,17 +29,22 @@ def keep_activations(layers: list, count: int) -> None:
         layer.gradient_checkpointing = i < first_kept
 
 
-def layers_to_keep(budget: int, bytes_per_token_and_layer: float, tokens: int, layers: int) -> int:
-    if tokens <= 0 or bytes_per_token_and_layer <= 0:
+def layers_to_keep(budget: int, bytes_per_token_and_layer: float, tokens: int, layers: int,
+                   bytes_per_token_key_and_layer: float = 0.0, length: int = 0) -> int:
+    """How many layers' activations fit `budget` for `tokens` tokens in rows of `length` (eager attention's
+    softmax adds `bytes_per_token_key_and_layer` per token and key position)."""
+    per_layer = tokens * (bytes_per_token_and_layer + bytes_per_token_key_and_layer * length)
+    if tokens <= 0 or per_layer <= 0:
         return layers
-    return max(0, min(layers, int(budget // (bytes_per_token_and_layer * tokens))))
+    return max(0, min(layers, int(budget // per_layer)))
 
 
 class SelectiveCheckpointing(TrainerCallback):
-    """Before each training forward, keep as many layers' activations as `budget` bytes hold for its tokens."""
+    """Before each training forward, keep as many layers' activations as `budget` bytes hold for its rows
+    (runtime.activation_rates: a cost per token, plus one per token and key position under eager attention)."""
 
-    def __init__(self, budget: int, bytes_per_token_and_layer: float):
-        self.budget, self.per_token = budget, bytes_per_token_and_layer
+    def __init__(self, budget: int, bytes_per_token_and_layer: float, bytes_per_token_key_and_layer: float = 0.0):
+        self.budget, self.per_token, self.per_key = budget, bytes_per_token_and_layer, bytes_per_token_key_and_layer
         self.kept: list[int] = []  # per training forward, how many layers kept their activations
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -54,8 +60,8 @@ class SelectiveCheckpointing(TrainerCallback):
             ids = named.get("input_ids", positional[0] if positional else None)
             if ids is None:
                 ids = named.get("inputs_embeds")
-            tokens = int(ids.shape[0] * ids.shape[1]) if ids is not None and ids.dim() >= 2 else 0
-            keep = layers_to_keep(self.budget, self.per_token, tokens, len(layers))
+            rows, length = (int(ids.shape[0]), int(ids.shape[1])) if ids is not None and ids.dim() >= 2 else (0, 0)
+            keep = layers_to_keep(self.budget, self.per_token, rows * length, len(layers), self.per_key, length)
             keep_activations(layers, keep)
             self.kept.append(keep)
 

@@ -164,23 +164,24 @@ def checkpointing_for_memory(args: ParsedArgs, model, stage: str, *, rows_per_ex
         row = t.max_length or 1024
     else:
         row = min(t.max_length, longest) if t.max_length else longest
-    row_tokens = row * rows_per_example
-    if runtime.activation_bytes(model.config, t.per_device_train_batch_size * row_tokens) <= budget:
+    half = bool(t.bf16 or t.fp16)
+    rows = t.per_device_train_batch_size * rows_per_example
+    if runtime.activation_bytes(model.config, rows, row, half=half) <= budget:
         return  # a worst-case batch fits: nothing to split or recompute
     distributed = getattr(t, "deepspeed", None) or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
     if args.run.micro_batches_for_memory and split_exact and not distributed:  # DeepSpeed fixed its batch already
-        split_batch_for_memory(args, model, stage, row_tokens, budget)
-    tokens = t.per_device_train_batch_size * row_tokens
-    keep = runtime.layers_without_checkpointing(model.config, tokens, budget)
+        split_batch_for_memory(args, model, stage, row, rows_per_example, budget)
+    rows = t.per_device_train_batch_size * rows_per_example
+    keep = runtime.layers_without_checkpointing(model.config, rows, row, budget, half=half)
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     layers = getattr(cfg, "num_hidden_layers", 0) or 0
     if keep >= layers:
         return
     # transformers 5 reads `activation_checkpointing`; `gradient_checkpointing` is an alias resolved at __init__ only
     t.activation_checkpointing = t.gradient_checkpointing = True
-    args.__dict__["activation_plan"] = (budget, runtime.activation_bytes(model.config, 1) / max(layers, 1))
-    need = runtime.activation_bytes(model.config, tokens) / 2**30
-    log(stage, f"selective checkpointing: a worst-case batch ({tokens} tokens, ~{need:.1f} GiB of activations) "
+    args.__dict__["activation_plan"] = (budget, *runtime.activation_rates(model.config, half=half))
+    need = runtime.activation_bytes(model.config, rows, row, half=half) / 2**30
+    log(stage, f"selective checkpointing: a worst-case batch ({rows} x {row} tokens, ~{need:.1f} GiB of activations) "
                f"checkpoints {layers - keep} of {layers} layers, shorter batches fewer, to stay within the "
                f"{budget / 2**30:.1f} GiB memory budget (memory_budget_gb; gradient_checkpointing: false turns it off)")
 
@@ -211,7 +212,7 @@ def padded_length(tokens: int | None, multiple: int | None) -> int | None:
 MIN_MICRO_BATCH_TOKENS = 1024  # below this a CPU forward is dominated by per-op overhead, not matmuls
 
 
-def split_batch_for_memory(args: ParsedArgs, model, stage: str, row_tokens: int, budget: int) -> None:
+def split_batch_for_memory(args: ParsedArgs, model, stage: str, row: int, rows_per_example: int, budget: int) -> None:
     """Train a batch whose worst case would not fit `budget` as micro-batches: the largest divisor of
     `per_device_train_batch_size` whose worst case fits the budget or is at most MIN_MICRO_BATCH_TOKENS
     tokens (at least one example), with gradient accumulation multiplied to match. Every optimizer step sees
@@ -220,8 +221,10 @@ def split_batch_for_memory(args: ParsedArgs, model, stage: str, row_tokens: int,
     (tests/test_memory_budget.py). The recipe's values are kept for the manifest (`args.micro_batch`)."""
     t = args.training
     batch, accumulation = t.per_device_train_batch_size, t.gradient_accumulation_steps
+    half = bool(t.bf16 or t.fp16)
     fits = [m for m in range(1, batch + 1) if batch % m == 0 and (
-        m * row_tokens <= MIN_MICRO_BATCH_TOKENS or runtime.activation_bytes(model.config, m * row_tokens) <= budget)]
+        m * rows_per_example * row <= MIN_MICRO_BATCH_TOKENS
+        or runtime.activation_bytes(model.config, m * rows_per_example, row, half=half) <= budget)]
     micro = max(fits, default=1)
     if micro == batch:
         return

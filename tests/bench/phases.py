@@ -52,8 +52,9 @@ def main() -> None:
     ap.add_argument("run", choices=("sft-real", "rm-real", "dpo-real"))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("extra", nargs="*", help="stage arguments, after --")
-    a = ap.parse_args()
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []  # stage arguments, after --
+    a = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     threading.Thread(target=sample, daemon=True).start()
     import transformers
 
@@ -77,7 +78,7 @@ def main() -> None:
     transformers.Trainer.train = train
     stage = a.run.split("-")[0]
     with tempfile.TemporaryDirectory() as tmp:
-        workers.w_stage_real({"model": a.model, "steps": a.steps, "tmp": tmp}, stage, stage, 2.0, tuple(a.extra))
+        workers.w_stage_real({"model": a.model, "steps": a.steps, "tmp": tmp}, stage, stage, 2.0, tuple(extra))
     mark("end")
 
 
