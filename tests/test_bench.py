@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_measures_every_run_and_reports_ratios_and_targets(tiny_llama, tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "tests/bench/bench.py", "--model", str(tiny_llama), "--steps", "4",
-                        "--ppo-steps", "2", "--full-batch", "2", "--out", str(out)],
+                        "--ppo-steps", "2", "--full-batch", "2", "--repeats", "2", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     report = json.loads(out.read_text())
@@ -45,6 +45,13 @@ def test_bench_measures_every_run_and_reports_ratios_and_targets(tiny_llama, tmp
     # the printed table and the JSON agree (the ratio arithmetic itself: test_targets_by_hand)
     assert f"{'met ' if sft['met'] else 'MISS'} SFT tokens/s vs plain TRL: {sft['value']:.2f} (target >= 1.5)" in r.stdout
     assert "bf16" in r.stdout
+    # the SFT pair deciding the tightest speed target ran twice each: the median, and the higher peak RSS
+    for name in ("sft-real", "sft-real-trl"):
+        reps = res[name]["repeats"]
+        assert len(reps) == 2 and (tmp_path / "logs" / f"{name}-2.log").exists()
+        assert res[name]["tokens_per_s"] == pytest.approx((reps[0]["tokens_per_s"] + reps[1]["tokens_per_s"]) / 2)
+        assert res[name]["peak_rss_gb"] == max(x["peak_rss_gb"] for x in reps)
+    assert "repeats" not in res["rm-real"] and "median of 2 runs" in r.stdout
 
 
 def _bench_module(monkeypatch):
@@ -56,6 +63,16 @@ def _bench_module(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_repeats_merge_into_the_median_speed_and_the_highest_memory(monkeypatch):
+    bench = _bench_module(monkeypatch)
+    runs = [{"step_s": 3.0, "tokens_per_s": 200.0, "peak_rss_gb": 2.2, "trainable_params": 7},
+            {"step_s": 4.0, "tokens_per_s": 150.0, "peak_rss_gb": 2.5, "trainable_params": 7},
+            {"step_s": 2.5, "tokens_per_s": 240.0, "peak_rss_gb": 2.1, "trainable_params": 7}]
+    merged = bench.merge_repeats(runs)
+    assert (merged["step_s"], merged["tokens_per_s"], merged["peak_rss_gb"]) == (3.0, 200.0, 2.5)
+    assert merged["trainable_params"] == 7 and [r["tokens_per_s"] for r in merged["repeats"]] == [200.0, 150.0, 240.0]
 
 
 def test_targets_by_hand(monkeypatch):

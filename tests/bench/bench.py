@@ -8,13 +8,16 @@ Every measurement runs in a process of its own, so its peak RSS is that process'
 set (os.wait4). Step time is the median optimiser step after WARMUP steps; tokens/s counts the non-padding
 tokens the trained model's forward passes saw in those steps (the same hook on ours and on TRL's), not
 the reference's. MFU = model FLOPs/s over the bf16 matmul peak measured in the same run. Speed ratios
-compare runs of this one invocation only: this machine's run-to-run noise is ±15%.
+compare runs of this one invocation only: this machine's run-to-run noise is ±15%, so the pair that decides
+the tightest speed target (real-length SFT against TRL) is measured `--repeats` times, interleaved, and
+reported as the median step time and tokens/s with the highest peak RSS of its repeats.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +39,7 @@ PAIRS = {  # ours vs the baseline it is compared with
     **{name: "sft-real" for name in SFT_VARIANTS if name != "sft-real"},  # each default off vs all on
     "rm-real-return-freed-memory": "rm-real",
 }
+REPEATED = ("sft-real", "sft-real-trl")  # measured --repeats times, interleaved (module docstring)
 TARGETS = [  # (what, run, baseline, metric, op, bound)
     ("SFT tokens/s vs plain TRL", "sft", "sft-trl", "tokens_per_s", ">=", 1.5),
     ("DPO step time vs TRL + separate reference", "dpo", "dpo-trl", "step_s", "<=", 0.7),
@@ -55,11 +59,11 @@ TARGETS = [  # (what, run, baseline, metric, op, bound)
 # ---------------------------------------------------------------------------------------------------
 # the parent: run each worker in its own process, then report
 # ---------------------------------------------------------------------------------------------------
-def run_worker(name: str, spec: dict, workdir: Path, log) -> dict:
-    spec_path, result_path = workdir / f"{name}.spec.json", workdir / f"{name}.result.json"
+def run_worker(name: str, spec: dict, workdir: Path, log, tag: str = "") -> dict:
+    spec_path, result_path = workdir / f"{name}{tag}.spec.json", workdir / f"{name}{tag}.result.json"
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
-    logfile = workdir / f"{name}.log"
+    logfile = workdir / f"{name}{tag}.log"
     log(f"[bench] {name} ... (log: {logfile})")
     t0 = time.perf_counter()
     with open(logfile, "w") as fh:
@@ -76,6 +80,17 @@ def run_worker(name: str, spec: dict, workdir: Path, log) -> dict:
     result["wall_s"] = wall
     log(f"[bench] {name}: done in {wall:.0f} s")
     return result
+
+
+def merge_repeats(measured: list[dict]) -> dict:
+    """One run's figures from its repeats: the median step time and tokens/s, the highest peak RSS (memory is
+    a bound, not an average); the other fields from the first repeat, and each repeat's figures under "repeats"."""
+    merged = dict(measured[0])
+    for metric in ("step_s", "tokens_per_s"):
+        merged[metric] = statistics.median(r[metric] for r in measured)
+    merged["peak_rss_gb"] = max(r["peak_rss_gb"] for r in measured)
+    merged["repeats"] = [{k: r[k] for k in ("step_s", "tokens_per_s", "peak_rss_gb")} for r in measured]
+    return merged
 
 
 def add_mfu(results: dict) -> None:
@@ -132,6 +147,9 @@ def table(results: dict, targets: list[dict]) -> str:
                    f"RSS x{r['peak_rss_gb'] / b['peak_rss_gb']:.2f}")
             if name.startswith("full-512-") and r.get("train_loss_last_half") and b.get("train_loss_last_half"):
                 rel += f", train loss {r['train_loss_last_half']:.3f} vs {b['train_loss_last_half']:.3f}"
+        if len(r.get("repeats", ())) > 1:
+            rel += ("; " if rel else "") + f"median of {len(r['repeats'])} runs (tokens/s " + ", ".join(
+                f"{x['tokens_per_s']:.1f}" for x in r["repeats"]) + ")"
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
         lines.append(f"{name:<26} {r['step_s']:>8.2f} {r['tokens_per_s']:>9.1f} {r['peak_rss_gb']:>12.2f} {mfu:>6}  {rel}")
     if targets:
@@ -150,6 +168,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(RUNS)}")
     ap.add_argument("--workload", choices=("demo", "real", "both"), default="both",
                     help="demo rows (~80 tokens), real-length rows (tests/bench/workload.py: median ~180, p90 ~450), or both")
+    ap.add_argument("--repeats", type=int, default=3, help=f"times {' and '.join(REPEATED)} run, interleaved (median)")
     ap.add_argument("--out", default="runs/bench/bench.json", help="where the JSON report goes")
     ap.add_argument("--worker", nargs=3, metavar=("NAME", "SPEC", "RESULT"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -177,6 +196,11 @@ def main(argv=None) -> int:
             if name.startswith("ppo") and not (Path(shared) / "rm").exists():
                 run_worker("rm-for-ppo", spec, work, log)
             results[name] = run_worker(name, spec, work, log)
+        repeated = {name: [results[name]] for name in REPEATED if name in results}
+        for i in range(2, a.repeats + 1):
+            for name in repeated:
+                repeated[name].append(run_worker(name, spec, work, log, tag=f"-{i}"))
+        results.update({name: merge_repeats(measured) for name, measured in repeated.items()})
     add_mfu(results)
     targets = check_targets(results)
     import torch
