@@ -216,6 +216,36 @@ def test_chunked_head_equals_full_logits_in_values_and_gradients_of_hidden_and_h
     assert torch.equal(extra["is_top1"], logp.argmax(-1) == target) or bf16
 
 
+def test_chunked_head_in_one_tile_gives_the_bf16_head_values_bit_for_bit():
+    """One tile: the same bf16 matmul as a plain bf16 head, its softmax read in fp32, so the values are equal."""
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(12, 16, generator=g), torch.randn(50, 16, generator=g)
+    target = torch.randint(0, 50, (12,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        picked, extra = fastpath.chunked_log_probs(hidden, weight, target, chunk=64)
+    logp = (hidden.bfloat16() @ weight.bfloat16().T).float().log_softmax(-1)
+    assert torch.equal(picked, logp.gather(-1, target[:, None]).squeeze(-1))
+    assert torch.equal(extra["is_top1"], logp.argmax(-1) == target)
+
+
+def test_chunked_head_backward_twice_and_mixed_dtypes_without_autocast():
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(10, 16, generator=g, requires_grad=True)
+    weight, target = torch.randn(50, 16, generator=g), torch.randint(0, 50, (10,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        picked, _ = fastpath.chunked_log_probs(hidden, weight, target, chunk=4)
+    picked.sum().backward(retain_graph=True)  # the head copy made for the first backward is released by it
+    first = hidden.grad.clone()
+    hidden.grad = None
+    picked.sum().backward()
+    torch.testing.assert_close(hidden.grad, first, rtol=0, atol=0)
+    # no autocast: a bf16 hidden state against an fp32 head is computed in the hidden state's dtype
+    h16 = hidden.detach().bfloat16().requires_grad_()
+    picked16, _ = fastpath.chunked_log_probs(h16, weight, target, chunk=4)
+    picked16.sum().backward()
+    assert h16.grad.dtype == torch.bfloat16 and torch.isfinite(picked16).all()
+
+
 def test_compact_lm_head_steps_aside_when_rebound_to_another_module(tiny_llama):
     """PEFT's disable_adapter for prompt tuning sets PeftModel.forward to the base model's forward and
     accelerate re-binds that function to the PeftModel: the compact path must then hand over to TRL's forward."""

@@ -97,7 +97,8 @@ def test_longer_rows_keep_fewer_layers_at_the_same_token_count_under_eager_atten
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     layers = decoder_layers(model)
     # 40 tokens: 4 rows of 10 cost 40 x (100 + 10 x 10) = 8,000 per layer, 2 rows of 20 cost 40 x 300 = 12,000
-    callback = SelectiveCheckpointing(budget=16_000, bytes_per_token_and_layer=100.0, bytes_per_token_key_and_layer=10.0)
+    callback = SelectiveCheckpointing(budget=16_000, bytes_per_token_and_layer=100.0,
+                                      bytes_per_token_key_and_layer=10.0)
     callback.on_train_begin(types.SimpleNamespace(gradient_checkpointing=True), None, None, model=model)
     model(input_ids=torch.randint(3, 100, (4, 10)))
     model(input_ids=torch.randint(3, 100, (2, 20)))
@@ -128,10 +129,12 @@ def test_sft_stage_checkpoints_only_layers_over_budget(tiny_llama, tmp_path, mon
                     "--report_to", "none", "--output_dir", str(tmp_path / "out"), "--compare_with_base", "false",
                     "--memory_budget_gb", str(1.5 * one_layer / 2**30), "--peft_method", "lora"])
     assert len(made) == 1 and made[0].kept  # the plan ran on the training forward
-    tokens = 2 * 64  # the demo rows exceed 64 tokens, so the batch is 2 x 64
-    assert made[0].kept == [memory.layers_to_keep(made[0].budget, made[0].per_token, tokens, cfg.num_hidden_layers,
-                                                  made[0].per_key, 64)] == [1]
-    derived = json.loads((out / "manifest.json").read_text())["derived"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    # the plan carries the rates of the stage's own precision and attention (eager on CPU: a cost per key too)
+    half = bool(manifest["config"]["training"]["bf16"])
+    assert (made[0].per_token, made[0].per_key) == runtime.activation_rates(cfg, half=half) and made[0].per_key > 0
+    assert made[0].kept == [1]  # the demo rows exceed 64 tokens: a 2 x 64 batch, 1.5 layers' worth: one kept
+    derived = manifest["derived"]
     assert derived["gradient_checkpointing"] is True and derived["train_sampling_strategy"] == "group_by_length"
 
 
@@ -204,11 +207,28 @@ def test_a_batch_trained_as_micro_batches_reaches_the_same_weights(stage, tiny_l
         torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_concatenated_batches_are_planned_as_one_sequence():
+    from stages.core.stage import batch_shape
+
+    padded = types.SimpleNamespace(padding_free=False, packing=False)
+    assert batch_shape(padded, 4, 512) == (4, 512) and batch_shape(padded, 4, 384, 2) == (8, 384)
+    # padding-free and TRL's best-fit packing feed one row of every token: the square is over all of them
+    assert batch_shape(types.SimpleNamespace(padding_free=True, packing=False), 4, 512) == (1, 2048)
+    def packed(strategy):
+        return types.SimpleNamespace(padding_free=False, packing=True, packing_strategy=strategy)
+
+    assert batch_shape(packed("bfd"), 4, 512) == (1, 2048) and batch_shape(packed("wrapped"), 4, 512) == (4, 512)
+    cfg = smollm2_shape()
+    one_row = runtime.activation_bytes(cfg, *batch_shape(types.SimpleNamespace(padding_free=True), 4, 512))
+    assert one_row > runtime.activation_bytes(cfg, 4, 512)  # same tokens, a 4x longer softmax row
+
+
 def test_micro_batch_is_the_largest_divisor_that_fits_the_budget_or_the_token_floor_hand_computed():
     from stages.core.stage import split_batch_for_memory
 
     def split(batch, row, rows_per_example, budget_gib):
-        t = types.SimpleNamespace(per_device_train_batch_size=batch, gradient_accumulation_steps=2, bf16=True, fp16=False)
+        t = types.SimpleNamespace(per_device_train_batch_size=batch, gradient_accumulation_steps=2,
+                                  bf16=True, fp16=False)
         split_batch_for_memory(types.SimpleNamespace(training=t), types.SimpleNamespace(config=smollm2_shape()),
                                "test", row, rows_per_example, int(budget_gib * 2**30))
         return t.per_device_train_batch_size, t.gradient_accumulation_steps

@@ -134,7 +134,7 @@ def _autocast_dtype():
 
 
 def _tile(hidden, weight, dtype):
-    """Logits of one tile in the matmul dtype (bf16 under autocast; `weight` already cast)."""
+    """Logits of one tile in the matmul dtype (bf16 under autocast; `weight` already in it)."""
     with torch.autocast("cpu", enabled=False):
         return hidden.to(dtype or hidden.dtype) @ weight.T
 
@@ -147,7 +147,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, chunk, flags):
         dtype = _autocast_dtype()
-        head = weight.to(dtype) if dtype else weight
+        head = weight.to(dtype or hidden.dtype)  # no copy when the dtypes match
         out = {k: [] for k in ("picked", *_EXTRA)}
         with torch.autocast("cpu", enabled=False):  # the reductions stay fp32 (autocast would run vecdot in bf16)
             for start in range(0, hidden.shape[0], chunk):
@@ -171,7 +171,9 @@ class _ChunkedLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, *_):
         hidden, weight, target = ctx.saved_tensors
-        head, ctx.head = ctx.head, None
+        head, ctx.head = ctx.head, None  # released: the copy would otherwise live through every layer's backward
+        if head is None:  # a second backward (retain_graph)
+            head = weight.to(ctx.dtype or hidden.dtype)
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         mm = ctx.dtype or hidden.dtype

@@ -72,13 +72,14 @@ def adjust_training_defaults(recipe: dict, explicit: set[str], *, precision: str
 
 # What a decoder layer keeps for backward, per token, counted with torch's saved-tensor hooks on SmolLM2-135M
 # (LoRA all-linear; README, Speed): 14 bytes per unit of hidden + MLP width under bf16 autocast (29.6 KB on
-# SmolLM2), 21 in fp32; eager attention adds its softmax for every key position, 5.6 bytes per head and key
-# in bf16 (the fp32 probabilities and their bf16 copy), 4 in fp32; fused attention (SDPA, flash) none.
+# SmolLM2), 21 in fp32; eager attention adds its softmax for every key position: 5.6 bytes per head and key
+# in bf16 (the measured slope between 128- and 400-token rows; the fp32 probabilities and their bf16 copy),
+# 4 in fp32; fused attention (SDPA, flash, flex) none.
 # Resident memory grows by 1.25x the saved bytes (allocator slack: 59 KB measured where 48 KB are saved).
 SAVED_BYTES_PER_WIDTH = {True: 14.0, False: 21.0}
 EAGER_BYTES_PER_HEAD_AND_KEY = {True: 5.6, False: 4.0}
 RESIDENT_PER_SAVED_BYTE = 1.25
-FUSED_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "paged_attention")
+FUSED_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
 
 
 def activation_rates(model_config, *, half: bool = True) -> tuple[float, float]:
@@ -88,7 +89,8 @@ def activation_rates(model_config, *, half: bool = True) -> tuple[float, float]:
     hidden = getattr(cfg, "hidden_size", 0) or 0
     inter = getattr(cfg, "intermediate_size", None) or 4 * hidden
     per_token = RESIDENT_PER_SAVED_BYTE * SAVED_BYTES_PER_WIDTH[half] * (hidden + inter)
-    eager = getattr(cfg, "_attn_implementation", None) not in FUSED_ATTENTION
+    # "paged|sdpa" is SDPA over a paged cache; anything unknown is planned as eager, the costlier kind
+    eager = str(getattr(cfg, "_attn_implementation", None)).split("|")[-1] not in FUSED_ATTENTION
     heads = getattr(cfg, "num_attention_heads", 0) or 0
     return per_token, (RESIDENT_PER_SAVED_BYTE * EAGER_BYTES_PER_HEAD_AND_KEY[half] * heads if eager else 0.0)
 

@@ -152,7 +152,7 @@ def checkpointing_for_memory(args: ParsedArgs, model, stage: str, *, rows_per_ex
     """On CPU, plan activation memory against `memory_budget_gb`: when a worst-case batch (every row as long
     as the longest training row, `longest` tokens before truncation, or max_length) would not fit, it is first
     split into micro-batches (`split_batch_for_memory`), then checkpointing goes on, and each training forward
-    checkpoints only as many layers as its own tokens need (stages/core/memory.py). GPUs and an explicit
+    checkpoints only as many layers as its own rows and padded length need (stages/core/memory.py). GPUs and an explicit
     `gradient_checkpointing` keep the recipe's choice. `split_exact`: the stage's loss is a mean over the whole
     batch's examples (or labelled tokens) under gradient accumulation, so splitting cannot change it; losses
     estimated per batch (KTO's KL term, ORPO/CPO's token-mean NLL, classification's plain mean) are never split."""
@@ -165,14 +165,14 @@ def checkpointing_for_memory(args: ParsedArgs, model, stage: str, *, rows_per_ex
     else:
         row = min(t.max_length, longest) if t.max_length else longest
     half = bool(t.bf16 or t.fp16)
-    rows = t.per_device_train_batch_size * rows_per_example
-    if runtime.activation_bytes(model.config, rows, row, half=half) <= budget:
+    if runtime.activation_bytes(model.config, *batch_shape(t, t.per_device_train_batch_size, row, rows_per_example),
+                                half=half) <= budget:
         return  # a worst-case batch fits: nothing to split or recompute
     distributed = getattr(t, "deepspeed", None) or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
     if args.run.micro_batches_for_memory and split_exact and not distributed:  # DeepSpeed fixed its batch already
         split_batch_for_memory(args, model, stage, row, rows_per_example, budget)
-    rows = t.per_device_train_batch_size * rows_per_example
-    keep = runtime.layers_without_checkpointing(model.config, rows, row, budget, half=half)
+    rows, length = batch_shape(t, t.per_device_train_batch_size, row, rows_per_example)
+    keep = runtime.layers_without_checkpointing(model.config, rows, length, budget, half=half)
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     layers = getattr(cfg, "num_hidden_layers", 0) or 0
     if keep >= layers:
@@ -180,10 +180,20 @@ def checkpointing_for_memory(args: ParsedArgs, model, stage: str, *, rows_per_ex
     # transformers 5 reads `activation_checkpointing`; `gradient_checkpointing` is an alias resolved at __init__ only
     t.activation_checkpointing = t.gradient_checkpointing = True
     args.__dict__["activation_plan"] = (budget, *runtime.activation_rates(model.config, half=half))
-    need = runtime.activation_bytes(model.config, rows, row, half=half) / 2**30
-    log(stage, f"selective checkpointing: a worst-case batch ({rows} x {row} tokens, ~{need:.1f} GiB of activations) "
-               f"checkpoints {layers - keep} of {layers} layers, shorter batches fewer, to stay within the "
+    need = runtime.activation_bytes(model.config, rows, length, half=half) / 2**30
+    log(stage, f"selective checkpointing: a worst-case batch ({rows} x {length} tokens, ~{need:.1f} GiB of "
+               f"activations) checkpoints {layers - keep} of {layers} layers, shorter batches fewer, to stay within the "
                f"{budget / 2**30:.1f} GiB memory budget (memory_budget_gb; gradient_checkpointing: false turns it off)")
+
+
+def batch_shape(training_args, examples: int, row: int, rows_per_example: int = 1) -> tuple[int, int]:
+    """(rows, padded length) of a worst-case forward over `examples` examples of `rows_per_example` rows of
+    `row` tokens: one sequence of them all when the batch is concatenated (padding-free, or TRL's default
+    best-fit packing), where eager attention's square spans the whole batch."""
+    t = training_args
+    concatenated = bool(getattr(t, "padding_free", False) or (
+        getattr(t, "packing", False) and getattr(t, "packing_strategy", "bfd") in ("bfd", "bfd_split")))
+    return (1, examples * rows_per_example * row) if concatenated else (examples * rows_per_example, row)
 
 
 PAD_MULTIPLE_FOR_REUSE = 32
@@ -224,7 +234,7 @@ def split_batch_for_memory(args: ParsedArgs, model, stage: str, row: int, rows_p
     half = bool(t.bf16 or t.fp16)
     fits = [m for m in range(1, batch + 1) if batch % m == 0 and (
         m * rows_per_example * row <= MIN_MICRO_BATCH_TOKENS
-        or runtime.activation_bytes(model.config, m * rows_per_example, row, half=half) <= budget)]
+        or runtime.activation_bytes(model.config, *batch_shape(t, m, row, rows_per_example), half=half) <= budget)]
     micro = max(fits, default=1)
     if micro == batch:
         return

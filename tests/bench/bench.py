@@ -9,8 +9,9 @@ set (os.wait4). Step time is the median optimiser step after WARMUP steps; token
 tokens the trained model's forward passes saw in those steps (the same hook on ours and on TRL's), not
 the reference's. MFU = model FLOPs/s over the bf16 matmul peak measured in the same run. Speed ratios
 compare runs of this one invocation only: this machine's run-to-run noise is ±15%, so the pair that decides
-the tightest speed target (real-length SFT against TRL) is measured `--repeats` times, interleaved, and
-reported as the median step time and tokens/s with the highest peak RSS of its repeats.
+the tightest speed target (real-length SFT against TRL) is measured `--repeats` times (the repeats after the
+first alternate ours and TRL's) and reported as the median step time and the median tokens/s (each a
+median of its own) with the highest peak RSS of its repeats; the table lists every repeat's tokens/s.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ PAIRS = {  # ours vs the baseline it is compared with
     **{name: "sft-real" for name in SFT_VARIANTS if name != "sft-real"},  # each default off vs all on
     "rm-real-return-freed-memory": "rm-real",
 }
-REPEATED = ("sft-real", "sft-real-trl")  # measured --repeats times, interleaved (module docstring)
+REPEATED = ("sft-real", "sft-real-trl")  # measured --repeats times (module docstring)
 TARGETS = [  # (what, run, baseline, metric, op, bound)
     ("SFT tokens/s vs plain TRL", "sft", "sft-trl", "tokens_per_s", ">=", 1.5),
     ("DPO step time vs TRL + separate reference", "dpo", "dpo-trl", "step_s", "<=", 0.7),
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(RUNS)}")
     ap.add_argument("--workload", choices=("demo", "real", "both"), default="both",
                     help="demo rows (~80 tokens), real-length rows (tests/bench/workload.py: median ~180, p90 ~450), or both")
-    ap.add_argument("--repeats", type=int, default=3, help=f"times {' and '.join(REPEATED)} run, interleaved (median)")
+    ap.add_argument("--repeats", type=int, default=3, help=f"times {' and '.join(REPEATED)} run (medians)")
     ap.add_argument("--out", default="runs/bench/bench.json", help="where the JSON report goes")
     ap.add_argument("--worker", nargs=3, metavar=("NAME", "SPEC", "RESULT"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
