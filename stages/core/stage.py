@@ -286,6 +286,7 @@ def run_cli(main, argv=None) -> int:
         args = list(sys.argv[1:] if argv is None else argv)
         noise.install(noise.verbose_requested(args) or recipe_says_verbose(args))
         main(argv)
+        runtime.end_distributed()
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
