@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from transformers import TrainerCallback
 
+from . import runtime
+
 
 def decoder_layers(model) -> list:
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -33,10 +35,9 @@ def layers_to_keep(budget: int, bytes_per_token_and_layer: float, tokens: int, l
                    bytes_per_token_key_and_layer: float = 0.0, length: int = 0) -> int:
     """How many layers' activations fit `budget` for `tokens` tokens in rows of `length` (eager attention's
     softmax adds `bytes_per_token_key_and_layer` per token and key position)."""
-    per_layer = tokens * (bytes_per_token_and_layer + bytes_per_token_key_and_layer * length)
-    if tokens <= 0 or per_layer <= 0:
+    if tokens <= 0:
         return layers
-    return max(0, min(layers, int(budget // per_layer)))
+    return runtime.layers_within(budget, tokens * (bytes_per_token_and_layer + bytes_per_token_key_and_layer * length), layers)
 
 
 class SelectiveCheckpointing(TrainerCallback):

@@ -7,6 +7,8 @@ OMP_NUM_THREADS=1 when it is unset, silently leaving a CPU run on one core. Both
 from __future__ import annotations
 
 import os
+import sys
+import traceback
 
 import torch
 
@@ -133,7 +135,11 @@ def layers_without_checkpointing(model_config, rows: int, length: int, budget: i
     within `budget` bytes (the rest are checkpointed: only their inputs are kept and they are recomputed)."""
     cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     layers = getattr(cfg, "num_hidden_layers", 0) or 0
-    per_layer = activation_bytes(model_config, rows, length, half=half) / max(layers, 1)
+    return layers_within(budget, activation_bytes(model_config, rows, length, half=half) / max(layers, 1), layers)
+
+
+def layers_within(budget: float, per_layer: float, layers: int) -> int:
+    """How many of `layers` layers costing `per_layer` bytes each fit `budget` (all of them when they cost nothing)."""
     return layers if per_layer <= 0 else max(0, min(layers, int(budget // per_layer)))
 
 
@@ -183,14 +189,51 @@ def return_freed_memory() -> bool:
         return False
 
 
-def end_distributed() -> None:
-    """Tear the process group down once a stage has finished. Left to the interpreter's exit, gloo's threads
-    were destroyed while still joinable and a ZeRO-3 rank aborted after its work was done ("terminate called
-    without an active exception", exit -6, in two CI runs on 2026-12-07)."""
+def leave_distributed(exit_code: int) -> int:
+    """End a launched rank's process once its stage has finished, with `exit_code`.
+
+    Returns `exit_code` unchanged in a process that never joined a process group (a single-process run, a test).
+    A rank tears its process group down (after success only), waits for its threads, runs the exit handlers
+    (atexit, weakref finalizers), flushes its output and leaves with `os._exit`, skipping only the C-level
+    finalization after them. There,
+    under ZeRO-3 on CPU, a rank that finished before its peers (the main rank still writing the artifact)
+    sometimes aborted in a C++ destructor with "terminate called without an active exception" (exit -6, no
+    Python frame left; 2 of about 90 launches on 2 busy cores, and three CI runs on 2026-12-07). The launcher then
+    killed the main rank before it had written the artifact. Tearing the group down first did not stop it."""
+    import atexit
+    import threading
+
+    if not in_process_group():
+        return exit_code
+    if exit_code == 0:  # a failed rank leaves at once: its peers may still wait in a collective (NCCL's teardown is one)
+        import torch.distributed as dist
+
+        try:
+            dist.destroy_process_group()
+        except Exception:  # the artifact stands, but a failed teardown still fails the launch
+            traceback.print_exc()
+            exit_code = 1
+    if not launched_rank():  # a process group this process opened itself (a test): leave it to the caller
+        return exit_code
+    threading._shutdown()  # what an ordinary exit does first: wait for non-daemon threads (a tracker's uploads)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing left to save
+            pass
+    os._exit(exit_code)
+
+
+def in_process_group() -> bool:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    return dist.is_available() and dist.is_initialized()
+
+
+def launched_rank() -> bool:
+    """Whether a launcher (torchrun, accelerate launch, deepspeed, the SLURM script) started this process as a rank."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def is_main_process() -> bool:

@@ -164,7 +164,7 @@ def checkpointing_for_memory(args: ParsedArgs, model, stage: str, *, rows_per_ex
         row = t.max_length or 1024
     else:
         row = min(t.max_length, longest) if t.max_length else longest
-    half = bool(t.bf16 or t.fp16)
+    half = half_precision(t)
     if runtime.activation_bytes(model.config, *batch_shape(t, t.per_device_train_batch_size, row, rows_per_example),
                                 half=half) <= budget:
         return  # a worst-case batch fits: nothing to split or recompute
@@ -184,6 +184,11 @@ def checkpointing_for_memory(args: ParsedArgs, model, stage: str, *, rows_per_ex
     log(stage, f"selective checkpointing: a worst-case batch ({rows} x {length} tokens, ~{need:.1f} GiB of "
                f"activations) checkpoints {layers - keep} of {layers} layers, shorter batches fewer, to stay within the "
                f"{budget / 2**30:.1f} GiB memory budget (memory_budget_gb; gradient_checkpointing: false turns it off)")
+
+
+def half_precision(training_args) -> bool:
+    """Whether activations are 16-bit (bf16 or fp16 autocast): the planner's per-width rates depend on it."""
+    return bool(training_args.bf16 or training_args.fp16)
 
 
 def batch_shape(training_args, examples: int, row: int, rows_per_example: int = 1) -> tuple[int, int]:
@@ -231,7 +236,7 @@ def split_batch_for_memory(args: ParsedArgs, model, stage: str, row: int, rows_p
     (tests/test_memory_budget.py). The recipe's values are kept for the manifest (`args.micro_batch`)."""
     t = args.training
     batch, accumulation = t.per_device_train_batch_size, t.gradient_accumulation_steps
-    half = bool(t.bf16 or t.fp16)
+    half = half_precision(t)
     fits = [m for m in range(1, batch + 1) if batch % m == 0 and (
         m * rows_per_example * row <= MIN_MICRO_BATCH_TOKENS
         or runtime.activation_bytes(model.config, *batch_shape(t, m, row, rows_per_example), half=half) <= budget)]
@@ -279,14 +284,26 @@ def recipe_says_verbose(argv: list[str]) -> bool:
 
 def run_cli(main, argv=None) -> int:
     """Run a stage main: user errors print one line and exit 2; nothing half-written is left as complete.
-    Known-harmless third-party warnings are silenced first (stages/core/noise.py; `--verbose` shows all)."""
+    Known-harmless third-party warnings are silenced first (stages/core/noise.py; `--verbose` shows all).
+    A launched rank leaves through `runtime.leave_distributed`, which ends its process."""
+    try:
+        code = _run_main(main, argv)
+    except SystemExit as e:  # sys.exit inside a stage: a launched rank must still leave through leave_distributed
+        if not runtime.in_process_group():
+            raise
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    return runtime.leave_distributed(code)
+
+
+def _run_main(main, argv) -> int:
     from . import noise
 
     try:
         args = list(sys.argv[1:] if argv is None else argv)
         noise.install(noise.verbose_requested(args) or recipe_says_verbose(args))
         main(argv)
-        runtime.end_distributed()
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
