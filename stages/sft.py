@@ -38,7 +38,7 @@ def padding_free_default(args, method: str) -> bool:
     t = args.training
     if "padding_free" in args.explicit or t.packing:
         return bool(t.padding_free)
-    return method not in VIRTUAL_TOKEN_METHODS and runtime.cuda_available()
+    return method not in VIRTUAL_TOKEN_METHODS and not runtime.on_cpu(t)
 
 
 def main(argv=None):

@@ -126,3 +126,35 @@ def test_eval_strategy_no_turns_evaluation_and_its_saving_default_off(tmp_path, 
     argv = ["--config", write(tmp_path, recipe)] + (["--eval_strategy", "no"] if where == "command line" else [])
     args = parse_stage(_sft_config(), argv)
     assert str(args.training.eval_strategy.value) == "no" and str(args.training.save_strategy.value) == "no"
+
+
+@pytest.mark.parametrize("use_cpu", [True, False])
+def test_use_cpu_on_a_gpu_machine_gets_the_cpu_defaults(tmp_path, monkeypatch, use_cpu):
+    """The CPU defaults follow the device that trains: `use_cpu: true` on a machine with a GPU trains on the CPU,
+    so it gets fp32 weights, eager attention on short rows, no blanket checkpointing, the memory plan, padding to
+    a multiple of 32 and the fast paths; the same recipe without it keeps the GPU's choices."""
+    import types
+
+    import torch
+
+    from stages.core import fastpath, policy, runtime, stage
+
+    monkeypatch.setattr(runtime, "cuda_available", lambda: True)  # every device decision asks runtime
+    recipe = "output_dir: out\nmax_length: 256\n" + ("use_cpu: true\n" if use_cpu else "")
+    t = types.SimpleNamespace(use_cpu=use_cpu, padding_free=False, pad_to_multiple_of=None)
+    assert runtime.on_cpu(t) is use_cpu
+    model_args = types.SimpleNamespace(dtype="bfloat16")
+    assert (policy._load_dtype(model_args, t, quantized=False) == torch.float32) is use_cpu
+    args = types.SimpleNamespace(training=t, explicit=set())
+    stage.pad_lengths_for_reuse(args, "sft")
+    assert t.pad_to_multiple_of == (32 if use_cpu else None)
+    lm_head_cast = []
+    monkeypatch.setattr(fastpath, "compact_lm_head", lambda model: lm_head_cast.append(model) or True)
+    model = torch.nn.Linear(2, 2)
+    fastpath.install(types.SimpleNamespace(args=types.SimpleNamespace(use_cpu=use_cpu, bf16=False), model=model))
+    assert lm_head_cast == ([model] if use_cpu else [])  # the CPU fast paths go where the CPU trains
+    if use_cpu:
+        parsed = parse_stage(_sft_config(), ["--config", write(tmp_path, recipe)])
+        assert parsed.training.use_cpu is True
+        assert parsed.model.attn_implementation == "eager"
+        assert parsed.training.gradient_checkpointing is False

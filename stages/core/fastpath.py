@@ -192,9 +192,13 @@ class _ChunkedLogProbs(torch.autograd.Function):
 
 
 @contextlib.contextmanager
-def during_init(trainer_cls, *, bf16: bool, lm_head: bool = True, frozen_bf16: bool = True):
+def during_init(trainer_cls, *, bf16: bool, lm_head: bool = True, frozen_bf16: bool = True, cpu: bool | None = None):
     """While a TRL trainer is built, its own `add_fused_lm_head` call also installs the CPU fast paths,
-    so the work TRL does in `__init__` (precomputed reference log-probs) has the numerics of training."""
+    so the work TRL does in `__init__` (precomputed reference log-probs) has the numerics of training.
+    `cpu`: whether the run trains on the CPU (runtime.on_cpu: also `use_cpu` on a GPU machine); None asks the machine."""
+    from .runtime import on_cpu
+
+    cpu = on_cpu() if cpu is None else cpu
     mod = next((sys.modules[c.__module__] for c in trainer_cls.__mro__
                 if hasattr(sys.modules.get(c.__module__), "add_fused_lm_head")), None)
     if mod is None:
@@ -206,7 +210,7 @@ def during_init(trainer_cls, *, bf16: bool, lm_head: bool = True, frozen_bf16: b
 
     def patched(model, *args, **kwargs):
         original(model, *args, **kwargs)
-        if _on_cpu(model):
+        if cpu and _on_cpu(model):
             if lm_head:
                 compact_lm_head(model)  # reads TRL's own arguments; steps aside for what it does not compute
             if bf16 and frozen_bf16:
@@ -221,12 +225,16 @@ def during_init(trainer_cls, *, bf16: bool, lm_head: bool = True, frozen_bf16: b
 
 def _on_cpu(model) -> bool:
     p = next(model.parameters(), None)
-    return p is not None and p.device.type == "cpu" and not torch.cuda.is_available()
+    return p is not None and p.device.type == "cpu"
 
 
 def install(trainer, *, lm_head: bool = True, frozen_bf16: bool = True) -> list[str]:
     """Apply the CPU fast paths to a TRL trainer's model (and reference); returns what was applied."""
+    from .runtime import on_cpu
+
     applied = set()
+    if not on_cpu(trainer.args):
+        return []
     for m in (trainer.model, getattr(trainer, "ref_model", None)):
         if m is None or not isinstance(m, torch.nn.Module):
             continue

@@ -175,10 +175,10 @@ class StageRun:
         t.output_dir = str(self.out.checkpoints)
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.out.logs)
         threads = runtime.configure_threads(self.args.run.num_threads)
-        if self.args.run.return_freed_memory and not runtime.cuda_available():
+        if self.args.run.return_freed_memory and runtime.on_cpu(t):
             runtime.return_freed_memory()
         distributed.setup_distributed(t)
-        dev = "cuda" if runtime.cuda_available() else "cpu"
+        dev = "cpu" if runtime.on_cpu(t) else "cuda"
         prec = "bf16" if getattr(t, "bf16", False) else "fp16" if getattr(t, "fp16", False) else "fp32"
         log(self.stage, f"device {dev}, precision {prec}, {threads} CPU threads, gradient checkpointing "
                         f"{'on' if getattr(t, 'gradient_checkpointing', False) else 'off'}")

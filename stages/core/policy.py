@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, models  # distributed: see load_model below
+from . import distributed, models, runtime  # distributed: see load_model below
 from .errors import ConfigError, ModelError
 
 MERGEABLE = {"LORA", "IA3"}
@@ -231,7 +231,7 @@ def compute_dtype(training_args) -> torch.dtype:
 
 def _load_dtype(model_args, training_args, quantized: bool) -> torch.dtype:
     """Weights dtype at load: fp32 on CPU (autocast does bf16 math), the recipe's `dtype` on GPU."""
-    if not torch.cuda.is_available():
+    if runtime.on_cpu(training_args):
         return torch.float32
     d = getattr(model_args, "dtype", None)
     if d in (None, "auto"):

@@ -17,6 +17,12 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def on_cpu(training_args=None) -> bool:
+    """Whether a run trains on the CPU: no GPU, or a recipe's `use_cpu: true` on a machine that has one. The CPU
+    defaults (precision, eager attention, memory planning, padding) follow the device that trains, not the machine."""
+    return not cuda_available() or bool(getattr(training_args, "use_cpu", False))
+
+
 def cpu_supports_bf16() -> bool:
     """True where the CPU has native bf16 matmul (AVX512-BF16 or AMX); there autocast bf16 is fast."""
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
@@ -38,7 +44,7 @@ def choose_precision(requested: str, recipe: dict, explicit: set[str]) -> str:
             requested = "fp32"
         else:
             requested = "bf16"
-    if cuda_available():
+    if not recipe.get("use_cpu") and cuda_available():
         if requested == "bf16" and not torch.cuda.is_bf16_supported():
             return "fp16"
         return requested
@@ -55,8 +61,7 @@ EAGER_MAX_LENGTH = 1024
 def adjust_training_defaults(recipe: dict, explicit: set[str], *, precision: str = "auto") -> str:
     """Set device/precision/checkpointing defaults in the recipe dict before TrainingArguments validates them."""
     chosen = choose_precision(recipe.get("precision", precision), recipe, explicit)
-    on_cpu = not cuda_available()
-    if on_cpu:
+    if not cuda_available() or recipe.get("use_cpu"):
         recipe["use_cpu"] = True
         # Small models on CPU have memory to spare; recomputation only costs time there.
         if "gradient_checkpointing" not in explicit:
@@ -245,6 +250,6 @@ def derived_choices(training_args) -> dict:
     keys = ("bf16", "fp16", "use_cpu", "gradient_checkpointing", "padding_free", "precompute_ref_log_probs", "train_sampling_strategy",
             "attn_implementation")
     out = {k: getattr(training_args, k) for k in keys if hasattr(training_args, k)}
-    out.update(device="cuda" if cuda_available() else "cpu", threads=torch.get_num_threads(),
+    out.update(device="cpu" if on_cpu(training_args) else "cuda", threads=torch.get_num_threads(),
                world_size=int(os.environ.get("WORLD_SIZE", "1") or 1))
     return out

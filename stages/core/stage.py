@@ -157,7 +157,7 @@ def checkpointing_for_memory(args: ParsedArgs, model, stage: str, *, rows_per_ex
     batch's examples (or labelled tokens) under gradient accumulation, so splitting cannot change it; losses
     estimated per batch (KTO's KL term, ORPO/CPO's token-mean NLL, classification's plain mean) are never split."""
     t = args.training
-    if runtime.cuda_available() or "gradient_checkpointing" in args.explicit or t.gradient_checkpointing:
+    if not runtime.on_cpu(t) or "gradient_checkpointing" in args.explicit or t.gradient_checkpointing:
         return
     budget = runtime.memory_budget(args.run.memory_budget_gb)
     if getattr(t, "packing", False) or not longest:  # packed rows fill max_length
@@ -211,7 +211,7 @@ def pad_lengths_for_reuse(args: ParsedArgs, stage: str) -> None:
     and stayed at 1.8 GB padded to 32, at the same step time (README, Speed). Padding is masked: the
     scores are unchanged."""
     t = args.training
-    if runtime.cuda_available() or "pad_to_multiple_of" in args.explicit or getattr(t, "padding_free", False):
+    if not runtime.on_cpu(t) or "pad_to_multiple_of" in args.explicit or getattr(t, "padding_free", False):
         return
     if getattr(t, "pad_to_multiple_of", None) is None:
         t.pad_to_multiple_of = PAD_MULTIPLE_FOR_REUSE
@@ -253,8 +253,10 @@ def split_batch_for_memory(args: ParsedArgs, model, stage: str, row: int, rows_p
 
 
 def fast_path_flags(args: ParsedArgs) -> dict:
-    """The recipe keys that turn each CPU fast path off (compact_lm_head, bf16_frozen_weights)."""
-    return {"lm_head": args.run.compact_lm_head, "frozen_bf16": args.run.bf16_frozen_weights}
+    """The recipe keys that turn each CPU fast path off (compact_lm_head, bf16_frozen_weights), and whether the run
+    trains on the CPU at all."""
+    return {"lm_head": args.run.compact_lm_head, "frozen_bf16": args.run.bf16_frozen_weights,
+            "cpu": runtime.on_cpu(args.training)}
 
 
 def log_fast_paths(trainer, stage: str, args: ParsedArgs, *, lm_head: bool = True) -> None:
