@@ -228,7 +228,7 @@ def _zero_shot(args, eval_rows, labels, multi):
     """The starting model as an instruct causal LM, prompted with the label names (freed before training)."""
     import gc
 
-    from stages.core import models
+    from stages.core import models, runtime
     from stages.core.classify_baselines import zero_shot
     from stages.core.policy import _load_dtype, load_model
 
@@ -239,7 +239,7 @@ def _zero_shot(args, eval_rows, labels, multi):
     try:
         import torch
 
-        if torch.cuda.is_available():
+        if not runtime.on_cpu(t):
             model = model.to("cuda")
         return zero_shot(model, tok, eval_rows, labels, multi_label=multi, max_length=t.max_length,
                          log=lambda m: S.log(STAGE, m))
