@@ -138,15 +138,23 @@ def _resolve(values: list, taxonomy: Taxonomy, where: dict, field_name: str) -> 
             ids.append(v)
         elif v in taxonomy.label2id:
             ids.append(taxonomy.label2id[v])
+        elif _integer_text(v):  # a CSV cell holding an id: read_file keeps every cell as text
+            ids.extend(_resolve([int(v)], taxonomy, where, field_name))
         else:
             raise DataError(f"unknown label '{v}'{closest(v, taxonomy.labels)}; labels ({taxonomy.source}): "
                             f"{', '.join(taxonomy.labels)}", **where, field=field_name)
     return sorted(set(ids))
 
 
+def _integer_text(value) -> bool:
+    return isinstance(value, str) and value.strip().isdigit()
+
+
 def _infer(rows: list[tuple[dict, dict]]) -> Taxonomy:
     names = {v for _, r in rows for v in r["raw"] if isinstance(v, str)}
     ints = {v for _, r in rows for v in r["raw"] if isinstance(v, int)}
+    if names and all(_integer_text(v) for v in names):  # ids written as text (CSV cells): the ids they name
+        ints, names = ints | {int(v) for v in names}, set()
     if names and ints:
         where, r = next((w, r) for w, r in rows if any(isinstance(v, int) for v in r["raw"]))
         raise DataError("labels mix names and integer ids, and no taxonomy was given: set labels: [names in id "

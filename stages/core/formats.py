@@ -319,15 +319,33 @@ def _parse_hh(text: Any, field: str) -> list[dict]:
 
 def _margin(row: Mapping) -> float | None:
     value = row.get("margin")
-    if value is None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):  # Parquet/pandas write a missing float as NaN
         return None
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = float(value)
-    except (TypeError, ValueError):
-        raise _Bad("invalid_value", "margin", f"margin must be a number, got {value!r}") from None
-    return None if math.isnan(value) else value
+    number = _number(value)
+    if number is None or not math.isfinite(number):
+        raise _Bad("invalid_value", "margin", f"margin must be a finite number, got {value!r}")
+    return number
+
+
+def _number(value: Any) -> float | None:
+    """A number, or the text of one (a CSV cell); None for anything else (booleans included)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _boolean(value: Any) -> Any:
+    """A boolean, or the text of one ("true"/"false" in any case: a CSV cell); anything else unchanged."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return value
 
 
 def _parse(fmt: str, row: Mapping, rm: dict, keys: dict) -> tuple:
@@ -380,7 +398,7 @@ def _parse(fmt: str, row: Mapping, rm: dict, keys: dict) -> tuple:
         return _parse_feedback(fmt, row, rm, keys)
     prompt = _text_or_messages(_get(row, "prompt"), "prompt", "user", rm, keys)
     if fmt == "unpaired":
-        label = _get(row, "label")
+        label = _boolean(_get(row, "label"))
         if not isinstance(label, bool):
             raise _Bad("invalid_label", "label", f"label must be a boolean (true/false), got {label!r} "
                                                  f"({type(label).__name__})")
@@ -404,6 +422,10 @@ def _parse_feedback(fmt: str, row: Mapping, rm: dict, keys: dict) -> tuple:
         _check_order(prompt, col, end="user")
     field = "label" if fmt.endswith("_label") else "rating"
     value = _get(row, field)
+    if field == "label":
+        value = _boolean(value)
+    elif isinstance(value, str) and _number(value) is not None:  # the text of a number: a CSV cell
+        value = _number(value)
     if field == "label" and not isinstance(value, bool):
         raise _Bad("invalid_label", "label", f"label must be a boolean (true/false), got {value!r} "
                                              f"({type(value).__name__})")

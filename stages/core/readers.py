@@ -56,7 +56,9 @@ def _read_csv(text: str, label: str) -> list[dict]:
     if not text.strip():
         raise DataError("the file is empty (no header row, no rows)", source=label)
     try:
-        df = pd.read_csv(io.StringIO(text))
+        # every cell is text, as written: pandas' own typing turned an answer "4" into an int and "None", "NA" or
+        # "nan" into a missing value; the fields that are not text (label, rating, margin) convert their own
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         raise DataError("the file is empty (no header row, no rows)", source=label) from None
     except pd.errors.ParserError as e:
@@ -66,8 +68,7 @@ def _read_csv(text: str, label: str) -> list[dict]:
             raise DataError(f"line {int(eof.group(1)) + 1}: a quoted field starting on this line is never closed "
                             "(unterminated quote)", source=label) from None
         raise DataError(f"not readable as CSV: {msg}", source=label) from None
-    return [{k: _decode_cell(v) for k, v in r.items()}
-            for r in df.astype(object).where(df.notna(), None).to_dict("records")]
+    return [{k: None if v == "" else _decode_cell(v) for k, v in r.items()} for r in df.to_dict("records")]
 
 
 def _read_parquet(path: Path, label: str) -> list[dict]:
