@@ -84,6 +84,30 @@ def test_force_never_replaces_another_stage_s_output(tiny_llama, tmp_path, no_mo
     assert json.loads((out / "manifest.json").read_text())["stage"] == "rm"
 
 
+def test_force_keeps_what_the_stage_did_not_write_and_no_output_nests_in_another(tiny_llama, tmp_path):
+    out = tmp_path / "sft"
+    run_sft(tiny_llama, out)
+    assert {"manifest.json", "adapter_model.safetensors"} <= set(json.loads((out / "manifest.json").read_text())["files"])
+    (out / "my-notes.txt").write_text("keep me")
+    run_sft(tiny_llama, out)  # the same config: nothing to do, nothing touched
+    with pytest.raises(ConfigError, match=r"did not write \(my-notes.txt\).*would delete them"):
+        run_sft(tiny_llama, out, "--learning_rate", "1e-3", "--force", "true")
+    assert (out / "my-notes.txt").read_text() == "keep me"
+    with pytest.raises(ConfigError, match="inside the sft stage output"):  # --force on `out` would delete it
+        run_sft(tiny_llama, out / "nested")
+    assert not (out / "nested").exists()
+
+
+def test_a_folder_named_like_the_work_folder_that_the_suite_did_not_make_survives(tiny_llama, tmp_path, no_model_load):
+    work = tmp_path / ".out.work"
+    work.mkdir()
+    (work / "backup.txt").write_text("keep me")
+    for flags in ([], ["--force", "true"]):
+        with pytest.raises(ConfigError, match=r"did not write \(backup.txt\)"):
+            run_sft(tiny_llama, tmp_path / "out", *flags)
+    assert (work / "backup.txt").read_text() == "keep me" and not (tmp_path / "out").exists()
+
+
 def test_chain_stage_names_stay_inside_run_dir(tmp_path):
     p = tmp_path / "c.yaml"
     for bad in ("../x", "a/b", ".hidden"):

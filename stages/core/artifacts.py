@@ -70,6 +70,32 @@ def git_commit() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+WORK_ENTRIES = {"work.json", "checkpoints", "logs", "staging", "previous", "reference"}  # what StageRun writes there
+
+
+def work_dir(output_dir: Path) -> Path:
+    """Where a stage keeps an output's checkpoints, logs and staging copy: a hidden sibling folder."""
+    return output_dir.parent / f".{output_dir.name}.work"
+
+
+def is_suite_work_dir(path: Path) -> bool:
+    """Whether a work folder is one the suite made: it holds the lifecycle's record (work.json), or only what the
+    suite puts there (a run killed before the record was written), and nothing else."""
+    if not path.is_dir():
+        return False
+    names = {p.name for p in path.iterdir()}
+    return "work.json" in names or all(n in WORK_ENTRIES or n.endswith("_metrics.json") for n in names)
+
+
+def foreign_entries(output_dir: Path, manifest: dict) -> list[str]:
+    """What an output folder holds beyond the files its manifest lists (something a user or another run put
+    there); empty for manifests written before the suite listed its files."""
+    listed = manifest.get("files")
+    if not isinstance(listed, list) or not output_dir.is_dir():
+        return []
+    return sorted(p.name for p in output_dir.iterdir() if p.name not in set(listed))
+
+
 @dataclass
 class StageOutput:
     """Paths and lifecycle of one stage's output directory."""
@@ -80,7 +106,7 @@ class StageOutput:
 
     def __post_init__(self):
         self.output_dir = Path(self.output_dir).expanduser().resolve()
-        self.work = self.output_dir.parent / f".{self.output_dir.name}.work"
+        self.work = work_dir(self.output_dir)
         self.checkpoints = self.work / "checkpoints"
         self.logs = self.work / "logs"
         self.staging = self.work / "staging"
@@ -126,7 +152,8 @@ class StageOutput:
         """Write the manifest into staging, copy logs, then atomically swap staging into place."""
         if self.logs.is_dir() and any(self.logs.iterdir()):
             shutil.copytree(self.logs, self.staging / "logs", dirs_exist_ok=True)
-        manifest = dict(manifest, status=COMPLETE, stage=self.stage,
+        files = sorted({p.name for p in self.staging.iterdir()} | {MANIFEST})
+        manifest = dict(manifest, status=COMPLETE, stage=self.stage, files=files,
                         started_at=_iso(self.started), finished_at=_iso(time.time()),
                         duration_s=round(time.time() - self.started, 1))
         from .secrets import scrub
@@ -135,7 +162,8 @@ class StageOutput:
         old = None
         if self.output_dir.exists():
             prev = read_manifest(self.output_dir)
-            if not self.output_dir.is_dir() or (any(self.output_dir.iterdir()) and (prev or {}).get("stage") != self.stage):
+            if not self.output_dir.is_dir() or (any(self.output_dir.iterdir()) and (prev or {}).get("stage") != self.stage) \
+                    or foreign_entries(self.output_dir, prev or {}):
                 raise RuntimeError(f"{self.output_dir} changed during the run and is not a {self.stage} output; "
                                    f"the finished artifact stays in {self.staging}")
             old = self.work / "previous"

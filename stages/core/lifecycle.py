@@ -128,6 +128,11 @@ class StageRun:
                 what = ", ".join(fingerprints.changed(m.get("inputs"), self.components))
                 raise ConfigError(f"output_dir: {self.output_dir} holds a finished {m.get('stage')} stage made from "
                                   f"different inputs ({what}); choose another output_dir or pass --force true to replace it")
+            foreign = artifacts.foreign_entries(self.output_dir, m)
+            if foreign:
+                raise ConfigError(f"output_dir: {self.output_dir} also holds what the {m.get('stage')} stage did not "
+                                  f"write ({', '.join(foreign[:5])}); replacing it would delete them: move them out "
+                                  "or choose another output_dir")
         self.resume_from = self._resume_checkpoint()
 
     def _work_state(self) -> dict | None:

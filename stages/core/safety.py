@@ -49,6 +49,17 @@ def check_output_dir(output_dir, stage: str, *, inputs=(), key: str = "output_di
             raise ConfigError(f"{key}: {output_dir} is inside the input directory {src}; choose another output_dir")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{key}: {output_dir} exists and is a file; the suite never replaces it")
+    for parent in path.parents:
+        outer = artifacts.read_manifest(parent)
+        if outer and outer.get("stage"):  # replacing that output (--force) would delete this one with it
+            raise ConfigError(f"{key}: {output_dir} is inside the {outer.get('stage')} stage output {parent}; "
+                              "choose a directory outside it")
+    work = artifacts.work_dir(path)
+    if work.exists() and not artifacts.is_suite_work_dir(work):
+        found = sorted(p.name for p in work.iterdir())[:5] if work.is_dir() else []
+        raise ConfigError(f"{key}: {work}, where the suite keeps the checkpoints of {output_dir}, holds what the suite "
+                          f"did not write{' (' + ', '.join(found) + ')' if found else ''}; nothing there is touched: "
+                          "move it away or choose another output_dir")
     if path.is_dir() and any(path.iterdir()):
         m = artifacts.read_manifest(path)
         if m is None or not m.get("stage"):
