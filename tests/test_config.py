@@ -158,3 +158,11 @@ def test_use_cpu_on_a_gpu_machine_gets_the_cpu_defaults(tmp_path, monkeypatch, u
         assert parsed.training.use_cpu is True
         assert parsed.model.attn_implementation == "eager"
         assert parsed.training.gradient_checkpointing is False
+
+
+def test_a_bad_value_is_blamed_on_where_it_was_written(tmp_path):
+    good, bad = write(tmp_path, "output_dir: out\n"), write(tmp_path, "output_dir: out\nmax_steps: many\n", "bad.yaml")
+    with pytest.raises(ConfigError, match=r"^command line: argument --max_steps"):
+        parse_stage(_sft_config(), ["--config", good, "--max_steps", "many"])
+    with pytest.raises(ConfigError, match=r"bad.yaml: argument --max_steps"):
+        parse_stage(_sft_config(), ["--config", bad])

@@ -118,13 +118,15 @@ def test_chain_stage_names_stay_inside_run_dir(tmp_path):
 
 # -- parse-time errors -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flags,key", [(["--learning_rate", "0"], "learning_rate"), (["--max_length", "0"], "max_length"),
-                                       (["--lora_r", "0"], "lora_r"), (["--max_steps", "many"], "max_steps")])
+                                       (["--lora_r", "0"], "lora_r"), (["--max_steps", "many"], "max_steps"),
+                                       (["--validation_fraction", "0", "--eval_datasets", "[]"], "eval_strategy: steps"),
+                                       (["--resume_from_checkpoint", "/elsewhere/checkpoint-9"], "resumes by itself")])
 def test_values_that_would_fail_later_are_refused_at_parse_time(tiny_llama, tmp_path, no_model_load, capsys, flags, key):
     assert sft.cli(["--config", TINY, "--model_name_or_path", str(tiny_llama), "--output_dir", str(tmp_path / "o"),
                     *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and key in err
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.work").exists()
 
 
 def test_an_eval_file_with_no_rows_is_named(tiny_llama, tmp_path, no_model_load, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -202,9 +203,12 @@ def parse_args(groups: dict[str, type], argv: list[str] | None = None, *, adjust
     parser = TrlParser(list(groups.values()))
 
     def _error(message):  # argparse would print the whole usage and exit; say the one thing instead
-        raise ConfigError(f"{config_path or 'command line'}: {message}")
+        named = re.match(r"argument --([\w-]+)", message)  # a value given on the command line is not the recipe's
+        on_cli = named is not None and named.group(1).replace("-", "_") in cli_keys
+        raise ConfigError(f"{'command line' if on_cli or not config_path else config_path}: {message}")
 
     parser.error = _error
+    cli_keys: set[str] = set()
     known = {a.dest for a in parser._actions if a.dest != "help"}
     config_path, recipe = None, {}
     if "--config" in argv:
@@ -220,7 +224,7 @@ def parse_args(groups: dict[str, type], argv: list[str] | None = None, *, adjust
     for key in recipe:
         if key not in known:
             raise ConfigError(f"{config_path}: unknown key '{key}'{_suggest(key, known)}")
-    cli_keys = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+    cli_keys.update(a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--"))
     for key in cli_keys:
         if key not in known:
             raise ConfigError(f"unknown command-line option '--{key}'{_suggest(key, known)}")

@@ -101,6 +101,11 @@ def validate_values(args: ParsedArgs) -> None:
         raise ConfigError(f"{where}: lora_r: must be positive, got {args.model.lora_r}")
     if t.num_train_epochs <= 0 and t.max_steps <= 0:
         raise ConfigError(f"{where}: num_train_epochs / max_steps: one must be positive")
+    resume = getattr(t, "resume_from_checkpoint", None)
+    if resume not in (None, "", False, True) and str(resume).lower() != "true":  # true: what every stage does anyway
+        raise ConfigError(f"{where}: resume_from_checkpoint: a stage resumes by itself: re-run the same command and it "
+                          "continues from its newest checkpoint made from the same config and data (in .NAME.work/); "
+                          "a checkpoint from another run or config is never resumed. Remove this key")
 
 
 def data_sources(args: ParsedArgs) -> tuple[list, list | None]:
@@ -134,6 +139,11 @@ def load_stage_data(args: ParsedArgs, task: str):
         loaded.train = loaded.train.select(range(d.max_train_rows))
     if d.max_eval_rows is not None and loaded.eval is not None and len(loaded.eval) > d.max_eval_rows:
         loaded.eval = loaded.eval.select(range(d.max_eval_rows))
+    strategy = getattr(args.training, "eval_strategy", "no")
+    if (loaded.eval is None or not len(loaded.eval)) and str(getattr(strategy, "value", strategy)) != "no":
+        raise ConfigError(f"eval_strategy: {getattr(strategy, 'value', strategy)} evaluates on validation rows, but there "
+                          f"are none (validation_fraction {d.validation_fraction:g}, no eval_datasets); set eval_strategy: "
+                          "no, or give validation rows (validation_fraction, validation_size or eval_datasets)")
     return loaded
 
 
