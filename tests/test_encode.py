@@ -148,3 +148,32 @@ def test_ppo_prompts_keep_their_end_including_the_generation_prompt():
 
     ids, report = encode_prompts(Tok(), ["long", "x"], 3)
     assert ids == [[6, 7, 99], [6, 7, 99]] and report.trimmed == 2 and report.rows == 2
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_a_long_row_is_named_by_its_file_and_row_not_its_place_in_the_shuffled_split(tmp_path, split):
+    import json
+
+    from stages.core.data import load_data
+
+    def write(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return tmp_path / name
+
+    tok = build_tokenizer()
+    rows = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "ok"}]}
+            for i in range(12)]
+    rows[7]["messages"][0]["content"] = "long " * 100
+    if split == "train":
+        want_file, want_row = write("chats.jsonl", rows), 7
+        d = load_data([str(want_file)], task="sft", validation_fraction=0)
+    else:
+        want_file, want_row = write("held.jsonl", rows[6:9]), 1
+        d = load_data([str(write("short.jsonl", rows[:6]))], task="sft", eval_sources=[str(want_file)])
+    rows_of_split = d.train if split == "train" else d.eval
+    place = next(i for i, r in enumerate(rows_of_split) if r["messages"][0]["content"].startswith("long"))
+    with pytest.raises(DataError) as raised:
+        encode_sft(rows_of_split, tok, max_length=60, on_long="error", source=split)
+    assert raised.value.row == place != want_row  # shuffled: the split's place is not the file's row
+    named = str(d.locate(raised.value, split))
+    assert named.startswith(f"{want_file}: row {want_row}: field 'messages': ") and "over max_length=60" in named

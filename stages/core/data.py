@@ -97,6 +97,16 @@ class LoadedData:
     train: Any  # datasets.Dataset
     eval: Any  # datasets.Dataset | None
     report: DataReport
+    origins: dict = field(default_factory=dict)  # split -> [(file, row in the file)] in the split's order
+
+    def locate(self, error: DataError, split: str) -> DataError:
+        """`error` about row N of a split (shuffled, deduplicated) restated at the file and row it came from."""
+        found = self.origins.get(split) or []
+        if error.row is None or not 0 <= error.row < len(found):
+            return error
+        source, row = found[error.row]
+        return DataError(f"{error.detail} ({'training' if split == 'train' else 'validation'} row {error.row})",
+                         source=source, row=row, field=error.field)
 
 
 # ---------------------------------------------------------------- reading
@@ -149,6 +159,7 @@ class _Loader:
         self.ratings = ratings  # rating_scale, rating_threshold, pairs
         self.examples: list[dict] = []
         self.by_prompt: set[int] = set()  # ids of sources whose pairs were made per prompt (split by prompt)
+        self.origins: dict[int, dict[str, tuple[str, int]]] = {}  # per `seen` set: row key -> (file, row) first seen
 
     def _drop(self, rep: SourceReport, e: F.RowError) -> None:
         rep.dropped_by_reason[e.reason] = rep.dropped_by_reason.get(e.reason, 0) + 1
@@ -190,20 +201,21 @@ class _Loader:
                 if pairing:
                     rated += [((label, i), c) for c in canon]
                 else:
-                    converted += canon
+                    converted += [((label, i), c) for c in canon]
         if rated:  # ratings/labels become pairs per prompt, over all of this source's files
             made, alone = F.pair_ratings(rated, pairs)
-            converted += [p for _, p in made]
+            converted += made  # each pair comes from its chosen row
             if alone:
                 rep.dropped_by_reason["no_rating_partner"] = len(alone)
             self.by_prompt.add(id(rep))
         out = []
-        for c in converted:
+        for origin, c in converted:
             key = row_key(c)
             if key in seen:
                 rep.duplicates_removed += 1
             else:
                 seen.add(key)
+                self.origins.setdefault(id(seen), {}).setdefault(key, origin)
                 out.append((key, c))
         rep.format = ",".join(dict.fromkeys(fmts))
         rep.rows_kept = len(out)
@@ -345,8 +357,8 @@ def load_data(sources, *, task, eval_sources=None, validation_fraction=0.1, vali
     by_prompt = [task == "unpaired" or id(rep) in loader.by_prompt for rep in report.sources]
 
     eval_rows: list = []
+    eval_seen: set = set()
     if eval_specs:
-        eval_seen: set = set()
         eparts = []
         for spec in eval_specs:
             rep, rows = loader.load(spec, eval_seen)
@@ -415,4 +427,7 @@ def load_data(sources, *, task, eval_sources=None, validation_fraction=0.1, vali
     report.eval_fingerprint = fingerprint(k for k, _ in eval_rows) if eval_rows else None
     train_ds = _dataset([c for _, c, _ in train], report)
     eval_ds = _dataset([c for _, c in eval_rows], report) if eval_rows else None
-    return LoadedData(train=train_ds, eval=eval_ds, report=report)
+    train_origin = loader.origins.get(id(seen), {})
+    eval_origin = {**train_origin, **loader.origins.get(id(eval_seen), {})}  # held-out rows, or the eval files' own
+    origins = {"train": [train_origin[k] for k, _, _ in train], "eval": [eval_origin[k] for k, _ in eval_rows]}
+    return LoadedData(train=train_ds, eval=eval_ds, report=report, origins=origins)

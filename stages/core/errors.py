@@ -23,7 +23,7 @@ class DataError(UserError):
             where.append(f"row {row}")
         if field is not None:
             where.append(f"field '{field}'")
-        self.source, self.row, self.field = source, row, field
+        self.source, self.row, self.field, self.detail = source, row, field, message
         super().__init__(f"{': '.join(where)}: {message}" if where else message)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import runtime
 from .config import DataArguments, ParsedArgs, PolicyArguments, RunArguments, load_recipe, parse_args
-from .errors import ConfigError, UserError
+from .errors import ConfigError, DataError, UserError
 
 
 def log(stage: str, msg: str) -> None:
@@ -153,8 +153,11 @@ def encode_split(fn, data, split: str, tokenizer, args: ParsedArgs, stage: str, 
 
     rows = data.train if split == "train" else data.eval
     fp = data.report.train_fingerprint if split == "train" else data.report.eval_fingerprint
-    return encode_cached(fn, rows, tokenizer, rows_fingerprint=f"{fp}:{len(rows)}" if fp else None,
-                         enabled=args.data.tokenized_cache, log=lambda m: log(stage, m), **settings)
+    try:
+        return encode_cached(fn, rows, tokenizer, rows_fingerprint=f"{fp}:{len(rows)}" if fp else None,
+                             enabled=args.data.tokenized_cache, log=lambda m: log(stage, m), **settings)
+    except DataError as e:  # a row of the shuffled split: say which file and row it is
+        raise data.locate(e, "train" if split == "train" else "eval") if hasattr(data, "locate") else e from None
 
 
 def checkpointing_for_memory(args: ParsedArgs, model, stage: str, *, rows_per_example: int = 1,
