@@ -166,3 +166,18 @@ def test_a_bad_value_is_blamed_on_where_it_was_written(tmp_path):
         parse_stage(_sft_config(), ["--config", good, "--max_steps", "many"])
     with pytest.raises(ConfigError, match=r"bad.yaml: argument --max_steps"):
         parse_stage(_sft_config(), ["--config", bad])
+
+
+def test_no_validation_rows_turn_the_default_evaluation_off_and_refuse_an_asked_one(tmp_path):
+    from stages.core import stage
+
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
+    default = parse_stage(_sft_config(), ["--output_dir", str(tmp_path / "o"), "--datasets", str(one)])
+    assert str(default.training.eval_strategy.value) == "epoch"  # a validation share is asked for by default
+    assert stage.load_stage_data(default, "sft").eval is None  # one row: nothing to hold out
+    assert str(getattr(default.training.eval_strategy, "value", default.training.eval_strategy)) == "no"
+    asked = parse_stage(_sft_config(), ["--output_dir", str(tmp_path / "o"), "--datasets", str(one),
+                                        "--eval_strategy", "steps"])
+    with pytest.raises(ConfigError, match="eval_strategy: steps evaluates on validation rows, but there are none"):
+        stage.load_stage_data(asked, "sft")

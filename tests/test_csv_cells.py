@@ -57,3 +57,19 @@ def test_classification_ids_written_as_text_are_ids(tmp_path):
     assert {r["text"]: r["labels"] for r in inferred.train}["great film"] == [1]
     named = load_classification([f], taxonomy=read_taxonomy(["negative", "positive"]), validation_fraction=0)
     assert {r["text"]: r["labels"] for r in named.train}["great film"] == [1]  # id 1 = "positive"
+
+
+def test_missing_value_words_in_a_csv_margin_or_label_cell_are_missing(tmp_path):
+    pairs = write(tmp_path / "pairs.csv", "prompt,chosen,rejected,margin\nq1,a,b,1.5\nq2,c,d,NA\nq3,e,f,NaN\n")
+    got = {r["prompt"][0]["content"]: r.get("margin") for r in load_data([pairs], task="preference",
+                                                                          validation_fraction=0).train}
+    assert got == {"q1": 1.5, "q2": None, "q3": None}
+    labels = write(tmp_path / "labels.csv", "text,label\ngreat film,pos\nawful film,NA\n")
+    with pytest.raises(DataError, match=r"labels.csv: row 1: field 'label': label missing"):
+        load_classification([labels], validation_fraction=0)
+
+
+def test_text_labels_of_json_rows_stay_names_even_when_they_are_digits(tmp_path):
+    f = write(tmp_path / "stars.jsonl", '{"text": "meh", "label": "2"}\n{"text": "wow", "label": "5"}\n'
+                                        '{"text": "ok", "label": "3"}\n')
+    assert load_classification([f], validation_fraction=0).report.labels == ["2", "3", "5"]

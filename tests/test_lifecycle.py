@@ -93,6 +93,10 @@ def test_force_keeps_what_the_stage_did_not_write_and_no_output_nests_in_another
     with pytest.raises(ConfigError, match=r"did not write \(my-notes.txt\).*would delete them"):
         run_sft(tiny_llama, out, "--learning_rate", "1e-3", "--force", "true")
     assert (out / "my-notes.txt").read_text() == "keep me"
+    (out / "my-notes.txt").unlink()
+    (out / "report.html").write_text("<html>")  # `rlhf report` writes here: the suite's own, replaced with the rest
+    run_sft(tiny_llama, out, "--learning_rate", "1e-3", "--force", "true")
+    assert json.loads((out / "manifest.json").read_text())["inputs"]["config"]["learning_rate"] == 1e-3
     with pytest.raises(ConfigError, match="inside the sft stage output"):  # --force on `out` would delete it
         run_sft(tiny_llama, out / "nested")
     assert not (out / "nested").exists()

@@ -70,7 +70,10 @@ def git_commit() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-WORK_ENTRIES = {"work.json", "checkpoints", "logs", "staging", "previous", "reference"}  # what StageRun writes there
+# what StageRun and the PPO stage write in a work folder
+WORK_ENTRIES = {"work.json", "checkpoints", "logs", "staging", "previous", "reference", "vllm_base", "vllm_adapters",
+                "vllm_server.log"}
+SUITE_EXTRAS = {"report.html", ".report.html.tmp"}  # written into a finished output later (`rlhf report`)
 
 
 def work_dir(output_dir: Path) -> Path:
@@ -93,7 +96,7 @@ def foreign_entries(output_dir: Path, manifest: dict) -> list[str]:
     listed = manifest.get("files")
     if not isinstance(listed, list) or not output_dir.is_dir():
         return []
-    return sorted(p.name for p in output_dir.iterdir() if p.name not in set(listed))
+    return sorted(p.name for p in output_dir.iterdir() if p.name not in set(listed) | SUITE_EXTRAS)
 
 
 @dataclass

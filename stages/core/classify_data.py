@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,7 @@ def render_input(row: dict, tokenizer=None) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
-def _raw_row(row: dict, mapping, multi_label: bool, where: dict) -> dict:
+def _raw_row(row: dict, mapping, multi_label: bool, where: dict, *, csv: bool = False) -> dict:
     """One raw row -> {"text", "messages", "raw"} with the problems named by file/row/field."""
     row = _map(row, mapping)
     text, messages = row.get("text"), row.get("messages")
@@ -109,7 +110,7 @@ def _raw_row(row: dict, mapping, multi_label: bool, where: dict) -> dict:
             raise DataError("every message is empty", **where, field="messages")
         messages, text = json.dumps(messages, ensure_ascii=False), ""
     key = "labels" if "labels" in row and row["labels"] is not None else "label"
-    raw = row.get(key)
+    raw = _csv_label(row.get(key)) if csv else row.get(key)
     if raw is None:
         raise DataError(f"label missing (expected '{'labels' if multi_label else 'label'}'; map your column with "
                         "column_mapping: {label: COLUMN})", **where, field="labels" if multi_label else "label")
@@ -138,23 +139,28 @@ def _resolve(values: list, taxonomy: Taxonomy, where: dict, field_name: str) -> 
             ids.append(v)
         elif v in taxonomy.label2id:
             ids.append(taxonomy.label2id[v])
-        elif _integer_text(v):  # a CSV cell holding an id: read_file keeps every cell as text
-            ids.extend(_resolve([int(v)], taxonomy, where, field_name))
         else:
             raise DataError(f"unknown label '{v}'{closest(v, taxonomy.labels)}; labels ({taxonomy.source}): "
                             f"{', '.join(taxonomy.labels)}", **where, field=field_name)
     return sorted(set(ids))
 
 
-def _integer_text(value) -> bool:
-    return isinstance(value, str) and value.strip().isdigit()
+CSV_MISSING = {"na", "n/a", "nan", "null", "none"}  # what spreadsheets and R write in an empty label cell
+
+
+def _csv_label(value):
+    """A CSV label cell as JSON would hold it (readers._read_csv keeps every cell as text): digits are an id, a
+    missing-value word is missing. JSON, Parquet and Hub labels written as text stay names."""
+    if isinstance(value, str) and re.fullmatch(r"[0-9]+", value.strip()):
+        return int(value)
+    if isinstance(value, str) and value.strip().lower() in CSV_MISSING:
+        return None
+    return value
 
 
 def _infer(rows: list[tuple[dict, dict]]) -> Taxonomy:
     names = {v for _, r in rows for v in r["raw"] if isinstance(v, str)}
     ints = {v for _, r in rows for v in r["raw"] if isinstance(v, int)}
-    if names and all(_integer_text(v) for v in names):  # ids written as text (CSV cells): the ids they name
-        ints, names = ints | {int(v) for v in names}, set()
     if names and ints:
         where, r = next((w, r) for w, r in rows if any(isinstance(v, int) for v in r["raw"]))
         raise DataError("labels mix names and integer ids, and no taxonomy was given: set labels: [names in id "
@@ -218,9 +224,11 @@ def load_classification(sources, *, eval_sources=None, taxonomy: Taxonomy | None
                 if spec.get("max_rows") is not None:
                     rows = rows[:spec["max_rows"]]
                 rep.rows_read += len(rows)
+                csv = str(label).lower().endswith(".csv")
                 for i, row in enumerate(rows):
                     where = {"source": label, "row": i}
-                    out.append((where, _raw_row(row, mapping, multi_label, where), rep))
+                    raw = _raw_row(row, mapping, multi_label, where, csv=csv)
+                    out.append((where, raw, rep))
             reports.append(rep)
         return out, reports
 

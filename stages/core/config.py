@@ -243,7 +243,8 @@ def parse_args(groups: dict[str, type], argv: list[str] | None = None, *, adjust
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{config_path or 'command line'}: {e}") from None
+        on_cli = any(re.search(rf"\b{re.escape(k)}\b", str(e)) for k in cli_keys)
+        raise ConfigError(f"{'command line' if on_cli or not config_path else config_path}: {e}") from None
     *objs, remaining = parsed
     if remaining:
         raise ConfigError(f"unexpected command-line arguments: {' '.join(remaining)}")

@@ -50,14 +50,14 @@ def deepspeed_config(training_args) -> dict | None:
     return None if plugin is None else plugin.deepspeed_config
 
 
-def join_deepspeed_comm() -> None:
+def join_deepspeed_comm(training_args=None) -> None:
     """On CPU, in a launched run (WORLD_SIZE set), initialise DeepSpeed's comm on gloo. Idempotent.
 
     On GPUs accelerate does this itself (nccl); a single un-launched process is left to DeepSpeed.
     """
-    import torch
+    from .runtime import on_cpu
 
-    if torch.cuda.is_available() or "WORLD_SIZE" not in os.environ:
+    if not on_cpu(training_args) or "WORLD_SIZE" not in os.environ:
         return
     import deepspeed
 
@@ -81,7 +81,7 @@ def setup_distributed(training_args) -> None:
     cfg = deepspeed_config(training_args)
     if cfg is None:
         return
-    join_deepspeed_comm()
+    join_deepspeed_comm(training_args)
     zero = cfg.setdefault("zero_optimization", {})
     if int(zero.get("stage", 0) or 0) == 3 and not zero.get(GATHER_ON_SAVE):
         zero[GATHER_ON_SAVE] = True

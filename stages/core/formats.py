@@ -321,10 +321,15 @@ def _margin(row: Mapping) -> float | None:
     value = row.get("margin")
     if value is None or (isinstance(value, float) and math.isnan(value)):  # Parquet/pandas write a missing float as NaN
         return None
+    if isinstance(value, str) and value.strip().lower() in MISSING_WORDS:  # a CSV cell: spreadsheets and R write these
+        return None
     number = _number(value)
     if number is None or not math.isfinite(number):
         raise _Bad("invalid_value", "margin", f"margin must be a finite number, got {value!r}")
     return number
+
+
+MISSING_WORDS = {"", "na", "n/a", "nan", "null", "none"}
 
 
 def _number(value: Any) -> float | None:

@@ -141,6 +141,9 @@ def load_stage_data(args: ParsedArgs, task: str):
         loaded.eval = loaded.eval.select(range(d.max_eval_rows))
     strategy = getattr(args.training, "eval_strategy", "no")
     if (loaded.eval is None or not len(loaded.eval)) and str(getattr(strategy, "value", strategy)) != "no":
+        if "eval_strategy" not in args.explicit and not args.run.early_stopping_patience:  # the stage's own default
+            args.training.eval_strategy = "no"
+            return loaded
         raise ConfigError(f"eval_strategy: {getattr(strategy, 'value', strategy)} evaluates on validation rows, but there "
                           f"are none (validation_fraction {d.validation_fraction:g}, no eval_datasets); set eval_strategy: "
                           "no, or give validation rows (validation_fraction, validation_size or eval_datasets)")
