@@ -163,7 +163,7 @@ def test_validation_errors_name_file_row_field(row, task, reason, field):
 
 # ------------------------------------------------------------ feedback: a label or rating on the last assistant turn
 
-from stages.core.formats import check_rating_settings, pair_ratings  # noqa: E402
+from stages.core.ratings import check_rating_settings, pair_ratings  # noqa: E402
 
 FEEDBACK = [
     ("messages_label", {"messages": [S("s"), U("q1"), A("a1"), U("q2"), A("a2")], "label": False},

@@ -70,8 +70,9 @@ def git_commit() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+WORK_STATE = "work.json"  # the work dir's owner and the fingerprint its checkpoints and caches belong to
 # what StageRun and the PPO stage write in a work folder
-WORK_ENTRIES = {"work.json", "checkpoints", "logs", "staging", "previous", "reference", "vllm_base", "vllm_adapters",
+WORK_ENTRIES = {WORK_STATE, "checkpoints", "logs", "staging", "previous", "reference", "vllm_base", "vllm_adapters",
                 "vllm_server.log"}
 SUITE_EXTRAS = {"report.html", ".report.html.tmp"}  # written into a finished output later (`rlhf report`)
 
@@ -87,7 +88,7 @@ def is_suite_work_dir(path: Path) -> bool:
     if not path.is_dir():
         return False
     names = {p.name for p in path.iterdir()}
-    return "work.json" in names or all(n in WORK_ENTRIES or n.endswith("_metrics.json") for n in names)
+    return WORK_STATE in names or all(n in WORK_ENTRIES or n.endswith("_metrics.json") for n in names)
 
 
 def foreign_entries(output_dir: Path, manifest: dict) -> list[str]:

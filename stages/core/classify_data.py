@@ -20,6 +20,7 @@ from typing import Any
 
 from .data import DataReport, LoadedData, SourceReport, _dataset, _rank, fingerprint, normalize_source, row_key
 from .errors import ConfigError, DataError
+from .ratings import MISSING_WORDS
 from .readers import read_source
 
 FIELDS = ("text", "messages", "label", "labels")
@@ -145,15 +146,12 @@ def _resolve(values: list, taxonomy: Taxonomy, where: dict, field_name: str) -> 
     return sorted(set(ids))
 
 
-CSV_MISSING = {"na", "n/a", "nan", "null", "none"}  # what spreadsheets and R write in an empty label cell
-
-
 def _csv_label(value):
     """A CSV label cell as JSON would hold it (readers._read_csv keeps every cell as text): digits are an id, a
     missing-value word is missing. JSON, Parquet and Hub labels written as text stay names."""
     if isinstance(value, str) and re.fullmatch(r"[0-9]+", value.strip()):
         return int(value)
-    if isinstance(value, str) and value.strip().lower() in CSV_MISSING:
+    if isinstance(value, str) and value.strip().lower() in MISSING_WORDS:
         return None
     return value
 

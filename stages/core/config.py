@@ -104,7 +104,7 @@ class DataArguments:
         self.column_mapping = json_or_value(self.column_mapping, "column_mapping")
         self.role_mapping = json_or_value(self.role_mapping, "role_mapping")
         self.rating_scale = json_or_value(self.rating_scale, "rating_scale")
-        from .formats import check_rating_settings
+        from .ratings import check_rating_settings
 
         check_rating_settings(self.rating_scale, self.rating_threshold, self.pairs)
         if isinstance(self.datasets, (str, dict)):

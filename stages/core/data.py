@@ -21,6 +21,7 @@ from typing import Any
 
 from . import formats as F
 from .errors import ConfigError, DataError
+from .ratings import check_rating_settings, pair_ratings
 from .readers import SUFFIXES, read_file, read_source  # noqa: F401  (re-exported)
 
 SOURCE_KEYS = ("path", "name", "data_dir", "data_files", "split", "columns", "fraction",
@@ -175,7 +176,7 @@ class _Loader:
         F.check_mappings(cm, rm)
         budget = spec.get("max_rows", self.max_rows)
         ratings = {k: spec.get(k, v) for k, v in self.ratings.items()}
-        F.check_rating_settings(**ratings)
+        check_rating_settings(**ratings)
         pairs = ratings.pop("pairs")
         converted, rated, fmts = [], [], []
         for label, rows in read_source(spec):
@@ -203,7 +204,7 @@ class _Loader:
                 else:
                     converted += [((label, i), c) for c in canon]
         if rated:  # ratings/labels become pairs per prompt, over all of this source's files
-            made, alone = F.pair_ratings(rated, pairs)
+            made, alone = pair_ratings(rated, pairs)
             converted += made  # each pair comes from its chosen row
             if alone:
                 rep.dropped_by_reason["no_rating_partner"] = len(alone)
@@ -322,7 +323,7 @@ def load_data(sources, *, task, eval_sources=None, validation_fraction=0.1, vali
 
     Feedback rows (a label or a rating on a conversation's last assistant turn): ``rating_threshold``
     (default: the middle of ``rating_scale``, else 0.5 of [0, 1]) makes labels for ``unpaired``;
-    for ``preference`` ``pairs`` (all | extremes) pairs ratings per prompt (formats.pair_ratings),
+    for ``preference`` ``pairs`` (all | extremes) pairs ratings per prompt (ratings.pair_ratings),
     rows in no pair are counted as ``no_rating_partner``, and such pairs are split by prompt."""
     if task not in F.TASKS:
         raise ConfigError(f"unknown task '{task}'{F.suggest(task, F.TASKS)}; expected one of {', '.join(F.TASKS)}")

@@ -28,6 +28,7 @@ import re
 from typing import Any, Iterable, Mapping
 
 from .errors import ConfigError, DataError
+from .ratings import MISSING_WORDS, boolean, check_rating_settings, number, pair_ratings  # noqa: F401 (re-exported)
 
 TASKS = ("sft", "preference", "unpaired", "prompt")
 ROLES = ("system", "user", "assistant")
@@ -64,7 +65,6 @@ MAPPABLE = ("messages", "conversations", "prompt", "completion", "chosen", "reje
             "margin", "meta", "instruction", "input", "output", "system", "role", "content")
 # other common names of a canonical column, used when the canonical one is absent
 ALIASES = {"kto_tag": "label", "score": "rating"}
-PAIRINGS = ("all", "extremes")
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
 
 
@@ -154,20 +154,6 @@ def check_task(fmt: str, task: str, *, source: str | None = None) -> None:
         fits = [f for f in FORMATS if _KIND[f] in _TASK_KINDS[task]]
         raise DataError(f"format '{fmt}' cannot be used for task '{task}'; formats that fit: {', '.join(fits)}",
                         source=source)
-
-
-def check_rating_settings(rating_scale=None, rating_threshold=None, pairs: str = "all") -> None:
-    """Raise ConfigError for a malformed ``rating_scale``/``rating_threshold``/``pairs``."""
-    if rating_scale is not None:
-        ok = isinstance(rating_scale, (list, tuple)) and len(rating_scale) == 2 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in rating_scale)
-        if not ok or rating_scale[0] >= rating_scale[1]:
-            raise ConfigError(f"rating_scale: expected [lowest, highest] with lowest < highest, got {rating_scale!r}")
-    if rating_threshold is not None and (isinstance(rating_threshold, bool)
-                                         or not isinstance(rating_threshold, (int, float))):
-        raise ConfigError(f"rating_threshold: must be a number, got {rating_threshold!r}")
-    if pairs not in PAIRINGS:
-        raise ConfigError(f"pairs: must be one of {', '.join(PAIRINGS)}, got {pairs!r}{suggest(pairs, PAIRINGS)}")
 
 
 def convert_row(row: Mapping, *, task: str, fmt: str, column_mapping=None, role_mapping=None,
@@ -323,34 +309,10 @@ def _margin(row: Mapping) -> float | None:
         return None
     if isinstance(value, str) and value.strip().lower() in MISSING_WORDS:  # a CSV cell: spreadsheets and R write these
         return None
-    number = _number(value)
-    if number is None or not math.isfinite(number):
+    margin = number(value)
+    if margin is None or not math.isfinite(margin):
         raise _Bad("invalid_value", "margin", f"margin must be a finite number, got {value!r}")
-    return number
-
-
-MISSING_WORDS = {"", "na", "n/a", "nan", "null", "none"}
-
-
-def _number(value: Any) -> float | None:
-    """A number, or the text of one (a CSV cell); None for anything else (booleans included)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            return None
-    return None
-
-
-def _boolean(value: Any) -> Any:
-    """A boolean, or the text of one ("true"/"false" in any case: a CSV cell); anything else unchanged."""
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    return value
+    return margin
 
 
 def _parse(fmt: str, row: Mapping, rm: dict, keys: dict) -> tuple:
@@ -403,7 +365,7 @@ def _parse(fmt: str, row: Mapping, rm: dict, keys: dict) -> tuple:
         return _parse_feedback(fmt, row, rm, keys)
     prompt = _text_or_messages(_get(row, "prompt"), "prompt", "user", rm, keys)
     if fmt == "unpaired":
-        label = _boolean(_get(row, "label"))
+        label = boolean(_get(row, "label"))
         if not isinstance(label, bool):
             raise _Bad("invalid_label", "label", f"label must be a boolean (true/false), got {label!r} "
                                                  f"({type(label).__name__})")
@@ -428,9 +390,9 @@ def _parse_feedback(fmt: str, row: Mapping, rm: dict, keys: dict) -> tuple:
     field = "label" if fmt.endswith("_label") else "rating"
     value = _get(row, field)
     if field == "label":
-        value = _boolean(value)
-    elif isinstance(value, str) and _number(value) is not None:  # the text of a number: a CSV cell
-        value = _number(value)
+        value = boolean(value)
+    elif isinstance(value, str) and number(value) is not None:  # the text of a number: a CSV cell
+        value = number(value)
     if field == "label" and not isinstance(value, bool):
         raise _Bad("invalid_label", "label", f"label must be a boolean (true/false), got {value!r} "
                                              f"({type(value).__name__})")
@@ -460,48 +422,6 @@ def _feedback(parsed: tuple, task: str, scale, threshold) -> tuple:
     elif task == "unpaired":
         return "unpaired", prompt, completion, value
     return "rated", prompt, completion, field, value
-
-
-def pair_ratings(rows: list[tuple[int, dict]], pairs: str = "all") -> tuple[list[tuple[int, dict]], list[int]]:
-    """Preference pairs from rated rows ``(index, {"prompt", "completion", "rating"|"label"})``.
-
-    Rows sharing a prompt are paired: ``all`` pairs every two different ratings, ``extremes`` the
-    best with the worst (the first of each in file order). Equal ratings never pair; the higher
-    rating is chosen; a numeric rating's gap becomes ``margin``. Returns (chosen row's index, pair)
-    and the indices of rows in no pair."""
-    groups: dict[str, list[tuple[int, dict]]] = {}
-    for index, row in rows:
-        key = repr(row["prompt"])
-        groups.setdefault(key, []).append((index, row))
-    out, used = [], set()
-
-    def value(row):
-        return float(row["rating"]) if "rating" in row else float(row["label"])
-
-    def pair(a, b):
-        (ia, ra), (ib, rb) = (a, b) if value(a[1]) > value(b[1]) else (b, a)
-        if ra["completion"] == rb["completion"]:
-            return
-        p = {"prompt": ra["prompt"], "chosen": ra["completion"], "rejected": rb["completion"]}
-        if "rating" in ra:
-            p["margin"] = value(ra) - value(rb)
-        if ra.get("meta") is not None:
-            p["meta"] = ra["meta"]
-        out.append((ia, p))
-        used.update((ia, ib))
-
-    for group in groups.values():
-        if pairs == "extremes":
-            best = max(group, key=lambda ir: value(ir[1]))  # max/min keep the first of equals
-            worst = min(group, key=lambda ir: value(ir[1]))
-            if value(best[1]) != value(worst[1]):
-                pair(best, worst)
-            continue
-        for i, a in enumerate(group):
-            for b in group[i + 1:]:
-                if value(a[1]) != value(b[1]):
-                    pair(a, b)
-    return out, [i for i, _ in rows if i not in used]
 
 
 def _to_task(parsed: tuple, task: str) -> list[dict]:

@@ -29,7 +29,7 @@ from .errors import ConfigError
 from .safety import Lock, check_output_dir
 from .stage import export_recipe_env, load_stage_data, log, parse_stage
 
-WORK_STATE = "work.json"  # the work dir's owner and the fingerprint its checkpoints and caches belong to
+WORK_STATE = artifacts.WORK_STATE
 CHECKPOINT_FINGERPRINT = "suite_fingerprint.json"
 
 

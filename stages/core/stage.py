@@ -160,7 +160,7 @@ def encode_split(fn, data, split: str, tokenizer, args: ParsedArgs, stage: str, 
         return encode_cached(fn, rows, tokenizer, rows_fingerprint=f"{fp}:{len(rows)}" if fp else None,
                              enabled=args.data.tokenized_cache, log=lambda m: log(stage, m), **settings)
     except DataError as e:  # a row of the shuffled split: say which file and row it is
-        raise data.locate(e, "train" if split == "train" else "eval") if hasattr(data, "locate") else e from None
+        raise data.locate(e, "train" if split == "train" else "eval") from None
 
 
 def checkpointing_for_memory(args: ParsedArgs, model, stage: str, *, rows_per_example: int = 1,
